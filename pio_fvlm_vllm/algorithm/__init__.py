@@ -1,0 +1,23 @@
+"""PIO-FVLM visual-token selection as pure PyTorch, independent of any serving engine."""
+
+from .decoder import DecoderLayerWeights, DecoderShape, ProxyWeights, decoder_layer
+from .nms import nms_select
+from .saliency import ImageContext, Saliency, gradient_saliency, proxy_loss
+from .select import select_tokens
+from .visionzip import VisionZipResult, cls_attention, visionzip_compress
+
+__all__ = [
+    "DecoderLayerWeights",
+    "DecoderShape",
+    "ImageContext",
+    "ProxyWeights",
+    "Saliency",
+    "VisionZipResult",
+    "cls_attention",
+    "decoder_layer",
+    "gradient_saliency",
+    "nms_select",
+    "proxy_loss",
+    "select_tokens",
+    "visionzip_compress",
+]

@@ -1,0 +1,141 @@
+"""A differentiable Llama-family decoder layer in plain PyTorch.
+
+The serving engine's own layers cannot be differentiated (fused kernels without a backward,
+and on CPU the linear weights are repacked into opaque handles), so the proxy pass runs its
+own copy of the math over weight tensors it is handed. Only standard ops are used: F.linear,
+RMSNorm, rotary embeddings, SiLU-gated MLP and causal attention through flash-attn (CUDA, when
+importable) or PyTorch SDPA. Attention weights are never materialised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+
+@dataclass
+class DecoderLayerWeights:
+    """Weights of one Llama/Mistral/Qwen2-style decoder layer, in Hugging Face layout."""
+
+    input_norm: torch.Tensor  # (D,)
+    q_proj: torch.Tensor  # (H*Dh, D)
+    k_proj: torch.Tensor  # (Hkv*Dh, D)
+    v_proj: torch.Tensor  # (Hkv*Dh, D)
+    o_proj: torch.Tensor  # (D, H*Dh)
+    post_norm: torch.Tensor  # (D,)
+    gate_proj: torch.Tensor  # (I, D)
+    up_proj: torch.Tensor  # (I, D)
+    down_proj: torch.Tensor  # (D, I)
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+
+
+@dataclass
+class ProxyWeights:
+    """What the proxy pass needs: the first K decoder layers and the output head."""
+
+    shape: DecoderShape
+    layers: list[DecoderLayerWeights]
+    final_norm: torch.Tensor  # (D,)
+    lm_head: torch.Tensor  # (V, D)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32: reductions in half precision lose the small differences we score."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = upcast(x)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+@lru_cache(maxsize=8)
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions: (B, L) -> cos, sin: (B, 1, L, Dh) in the rotate-half (neox) layout."""
+    freqs = positions.float()[..., None] * _inv_freq(head_dim, theta, positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def _flash_attn_func():
+    try:
+        from flash_attn import flash_attn_func  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+_FLASH_ATTN = _flash_attn_func()
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q: (B, H, L, Dh), k/v: (B, Hkv, L, Dh) -> (B, H, L, Dh), causal.
+
+    Sequences in a batch are right-padded: under a causal mask a real token only sees earlier,
+    real tokens, so padding needs no mask of its own.
+    """
+    if _FLASH_ATTN is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        out = _FLASH_ATTN(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return out.transpose(1, 2)
+    if k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def decoder_layer(
+    x: torch.Tensor,
+    w: DecoderLayerWeights,
+    shape: DecoderShape,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """x: (B, L, D) -> (B, L, D); one pre-norm decoder layer."""
+    bsz, seq, _ = x.shape
+    h = rms_norm(x, w.input_norm, shape.rms_norm_eps)
+    q = F.linear(h, w.q_proj, w.q_bias).view(bsz, seq, shape.num_heads, shape.head_dim)
+    k = F.linear(h, w.k_proj, w.k_bias).view(bsz, seq, shape.num_kv_heads, shape.head_dim)
+    v = F.linear(h, w.v_proj, w.v_bias).view(bsz, seq, shape.num_kv_heads, shape.head_dim)
+    q = apply_rotary(q.transpose(1, 2), cos, sin)
+    k = apply_rotary(k.transpose(1, 2), cos, sin)
+    attn = causal_attention(q, k, v.transpose(1, 2))  # (B, H, L, Dh)
+    x = x + F.linear(attn.transpose(1, 2).reshape(bsz, seq, -1), w.o_proj)
+    h = rms_norm(x, w.post_norm, shape.rms_norm_eps)
+    return x + F.linear(F.silu(F.linear(h, w.gate_proj)) * F.linear(h, w.up_proj), w.down_proj)

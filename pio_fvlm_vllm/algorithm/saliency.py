@@ -1,0 +1,132 @@
+"""Layer-local proxy loss and token-level gradient saliency (PIO-FVLM steps 1 and 2).
+
+The proxy runs the first K decoder layers over [text before the image, image tokens, text
+after the image] for each image, reads the last prompt token's state at layer K (the position
+whose state becomes the answer), and scores every image token by how strongly that state
+depends on it: the gradient of a loss on the layer-K state with respect to the image tokens'
+hidden states at the input of the layers it flows back through.
+
+Choices where the paper leaves room (each one a setting, see `PioFvlmSettings`):
+- the loss (`proxy_loss`): the logit lens of the layer-K state (final norm + LM head) scored
+  against its own top-1 token, a stand-in for "the final result" that needs no later layer;
+- where the gradient is taken (`backprop_layers`): at the input of layer K only by default,
+  so the backward costs about one layer (layer-local);
+- the reduction to a scalar (`saliency`): |<g_i, x_i>|, the first-order change of the loss when
+  token i is removed, which is the quantity output invariance asks about.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .decoder import ProxyWeights, decoder_layer, rms_norm, rotary_cos_sin, upcast
+
+
+@dataclass
+class ImageContext:
+    """One image and the text it is asked about, as input embeddings."""
+
+    image_embeds: torch.Tensor  # (N, D)
+    prefix_embeds: torch.Tensor  # (P, D) prompt text before the image
+    suffix_embeds: torch.Tensor  # (S, D) prompt text after the image, ends at the last prompt token
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.image_embeds.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.prefix_embeds.shape[0] + self.image_embeds.shape[0] + self.suffix_embeds.shape[0]
+
+
+@dataclass
+class Saliency:
+    scores: torch.Tensor  # (B, Nmax) at least float32, -inf past each image's N
+    features: torch.Tensor  # (B, Nmax, D) hidden states of the image tokens where scored
+    num_tokens: list[int]
+
+
+def _pack(contexts: list[ImageContext], dtype: torch.dtype) -> tuple[torch.Tensor, list[int]]:
+    """Right-pads the sequences into (B, Lmax, D); returns it and each sequence's length."""
+    lengths = [c.length for c in contexts]
+    dim = contexts[0].image_embeds.shape[-1]
+    device = contexts[0].image_embeds.device
+    x = torch.zeros(len(contexts), max(lengths), dim, dtype=dtype, device=device)
+    for b, c in enumerate(contexts):
+        x[b, : c.length] = torch.cat([c.prefix_embeds, c.image_embeds, c.suffix_embeds]).to(dtype)
+    return x, lengths
+
+
+def proxy_loss(
+    last_states: torch.Tensor,  # (B, D)
+    weights: ProxyWeights,
+    kind: Literal["logit_lens", "state"],
+) -> torch.Tensor:
+    """Scalar loss summed over the batch; each term depends only on its own sequence."""
+    if kind == "logit_lens":
+        h = rms_norm(last_states, weights.final_norm, weights.shape.rms_norm_eps)
+        logits = upcast(F.linear(h, weights.lm_head))  # (B, V)
+        return F.cross_entropy(logits, logits.argmax(-1).detach(), reduction="sum")
+    if kind == "state":
+        direction = F.normalize(upcast(last_states.detach()), dim=-1)
+        return (upcast(last_states) * direction).sum()
+    raise ValueError(f"proxy_loss must be 'logit_lens' or 'state', got {kind!r}")
+
+
+def gradient_saliency(
+    weights: ProxyWeights,
+    contexts: list[ImageContext],
+    *,
+    backprop_layers: int = 1,
+    loss_kind: Literal["logit_lens", "state"] = "logit_lens",
+    reduction: Literal["grad_x_input", "grad_norm"] = "grad_x_input",
+) -> Saliency:
+    """Scores the image tokens of every context by the gradient of the layer-K proxy loss.
+
+    K is `weights.num_layers`. The first K - backprop_layers layers run without autograd; the
+    gradient is taken at the input of the remaining ones.
+    """
+    if not contexts:
+        raise ValueError("gradient_saliency needs at least one image context")
+    num_layers = weights.num_layers
+    if not 1 <= backprop_layers <= num_layers:
+        raise ValueError(f"backprop_layers must be in [1, {num_layers}], got {backprop_layers}")
+    shape = weights.shape
+    dtype = weights.lm_head.dtype
+    with torch.inference_mode(False), torch.enable_grad():
+        x, lengths = _pack(contexts, dtype)
+        bsz, seq, _ = x.shape
+        positions = torch.arange(seq, device=x.device).expand(bsz, seq)
+        cos, sin = rotary_cos_sin(positions, shape.head_dim, shape.rope_theta, dtype)
+        first_grad_layer = num_layers - backprop_layers
+        with torch.no_grad():
+            for w in weights.layers[:first_grad_layer]:
+                x = decoder_layer(x, w, shape, cos, sin)
+        x_in = x.detach().requires_grad_(True)
+        x = x_in
+        for w in weights.layers[first_grad_layer:]:
+            x = decoder_layer(x, w, shape, cos, sin)
+        last = torch.tensor([n - 1 for n in lengths], device=x.device)
+        loss = proxy_loss(x[torch.arange(bsz, device=x.device), last], weights, loss_kind)
+        (grad,) = torch.autograd.grad(loss, x_in)
+
+    n_max = max(c.num_image_tokens for c in contexts)
+    score_dtype = torch.promote_types(dtype, torch.float32)
+    scores = torch.full((bsz, n_max), float("-inf"), dtype=score_dtype, device=x_in.device)
+    features = torch.zeros(bsz, n_max, x_in.shape[-1], dtype=dtype, device=x_in.device)
+    for b, c in enumerate(contexts):
+        start, n = c.prefix_embeds.shape[0], c.num_image_tokens
+        g = upcast(grad[b, start : start + n])
+        h = x_in[b, start : start + n].detach()
+        if reduction == "grad_x_input":
+            scores[b, :n] = (g * upcast(h)).sum(-1).abs()
+        elif reduction == "grad_norm":
+            scores[b, :n] = g.norm(dim=-1)
+        else:
+            raise ValueError(f"saliency must be 'grad_x_input' or 'grad_norm', got {reduction!r}")
+        features[b, :n] = h
+    return Saliency(scores=scores, features=features, num_tokens=[c.num_image_tokens for c in contexts])

@@ -1,0 +1,46 @@
+"""PIO-FVLM selection: gradient saliency, then NMS, to an exact per-image budget."""
+
+from __future__ import annotations
+
+import torch
+
+from ..settings import PioFvlmSettings
+from .decoder import ProxyWeights
+from .nms import nms_select
+from .saliency import ImageContext, gradient_saliency
+
+
+def select_tokens(
+    weights: ProxyWeights,
+    contexts: list[ImageContext],
+    num_keep: list[int],
+    settings: PioFvlmSettings,
+) -> list[torch.Tensor]:
+    """Indices of the image tokens to keep for each context: exactly num_keep[i], ascending.
+
+    Contexts that keep all their tokens skip the proxy pass.
+    """
+    if len(num_keep) != len(contexts):
+        raise ValueError(f"got {len(num_keep)} budgets for {len(contexts)} images")
+    result: list[torch.Tensor | None] = [None] * len(contexts)
+    todo = []
+    for i, (ctx, k) in enumerate(zip(contexts, num_keep)):
+        n = ctx.num_image_tokens
+        if not 0 < k <= n:
+            raise ValueError(f"budget for image {i} must be in [1, {n}], got {k}")
+        if k == n:
+            result[i] = torch.arange(n, device=ctx.image_embeds.device)
+        else:
+            todo.append(i)
+    if todo:
+        sal = gradient_saliency(
+            weights,
+            [contexts[i] for i in todo],
+            backprop_layers=min(settings.backprop_layers, weights.num_layers),
+            loss_kind=settings.proxy_loss,
+            reduction=settings.saliency,
+        )
+        kept = nms_select(sal.scores, sal.features, [num_keep[i] for i in todo], settings.nms_threshold)
+        for i, idx in zip(todo, kept):
+            result[i] = idx
+    return result  # type: ignore[return-value]

@@ -1,0 +1,49 @@
+"""The token budget shared by the processor (placeholder count) and the model (kept count).
+
+Both sides must compute the same k for the same image, or the number of placeholder tokens
+would disagree with the number of embeddings the model returns. Everything that decides k
+lives here, in one deterministic function over Python numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any
+
+VISUAL_KEEP_FIELD = "visual_keep"
+KEEP_RANGE_TEXT = "a number in (0, 1]"
+
+
+def validate_visual_keep(value: Any, field: str = VISUAL_KEEP_FIELD) -> float:
+    """Returns `value` as a float keep ratio, or raises ValueError naming `field` and the range.
+
+    Booleans are rejected although they are ints in Python: `true` in a JSON body is almost
+    certainly a client bug, not a keep ratio of 1.
+    """
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ValueError(
+            f"{field} must be {KEEP_RANGE_TEXT}, got {type(value).__name__} {value!r}"
+        )
+    keep = float(value)
+    if not math.isfinite(keep) or not 0.0 < keep <= 1.0:
+        raise ValueError(f"{field} must be {KEEP_RANGE_TEXT}, got {value!r}")
+    return keep
+
+
+def budget(num_tokens: int, visual_keep: float) -> int:
+    """Number of image tokens kept out of `num_tokens` at ratio `visual_keep`.
+
+    Rounds half up (2880 tokens at 0.111 keep 320, the paper's LLaVA-NeXT budget), never
+    keeps fewer than one token, never more than `num_tokens`.
+    """
+    if num_tokens < 0:
+        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+    keep = validate_visual_keep(visual_keep)
+    if num_tokens == 0:
+        return 0
+    if keep == 1.0:
+        return num_tokens
+    # The small epsilon absorbs binary representation error (0.5 * 3 must round to 2).
+    k = math.floor(num_tokens * keep + 0.5 + 1e-9)
+    return max(1, min(num_tokens, k))

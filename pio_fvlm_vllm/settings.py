@@ -1,0 +1,120 @@
+"""Every knob of the plugin, validated by pydantic.
+
+Server-wide values come from `PIO_FVLM_*` environment variables (read in every vLLM process,
+so the API server and the workers agree); `visual_keep` can also be set per request.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .budget import validate_visual_keep
+
+ENV_PREFIX = "PIO_FVLM_"
+
+# Decoder layer whose output the proxy loss reads, by number of decoder layers. The paper
+# prunes LLaVA-NeXT-7B (32 layers) at layer 2; shallower models keep the same share.
+_DEFAULT_PROXY_LAYER_BY_DEPTH = {32: 2, 40: 3, 60: 4, 80: 5}
+
+
+def default_proxy_layer(num_hidden_layers: int) -> int:
+    if num_hidden_layers in _DEFAULT_PROXY_LAYER_BY_DEPTH:
+        return _DEFAULT_PROXY_LAYER_BY_DEPTH[num_hidden_layers]
+    return max(1, min(num_hidden_layers, round(num_hidden_layers / 16)))
+
+
+class PioFvlmSettings(BaseModel):
+    """Settings of the PIO-FVLM selection pass."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    visual_keep: float = Field(
+        1.0, description="Default share of image tokens kept when a request does not say; (0, 1]."
+    )
+    mode: Literal["encoder_free", "encoder_involved"] = Field(
+        "encoder_free",
+        description="encoder_free: gradient saliency + NMS over all image tokens. "
+        "encoder_involved: a VisionZip-style stage (CLS attention) first, then the gradient stage.",
+    )
+    proxy_layer: int | None = Field(
+        None, ge=1, description="K: the proxy runs decoder layers 1..K. None: per-model default."
+    )
+    backprop_layers: int = Field(
+        1,
+        ge=1,
+        description="How many of the K proxy layers the gradient flows back through (1: layer-local).",
+    )
+    proxy_loss: Literal["logit_lens", "state"] = Field(
+        "logit_lens",
+        description="logit_lens: cross-entropy of the last prompt token's layer-K state, read "
+        "through the final norm and LM head, against its own top-1 token. state: the layer-K "
+        "state projected on its own (detached) direction.",
+    )
+    saliency: Literal["grad_x_input", "grad_norm"] = Field(
+        "grad_x_input",
+        description="grad_x_input: |<dL/dx_i, x_i>|, the first-order loss change when token i is "
+        "removed. grad_norm: ||dL/dx_i||.",
+    )
+    nms_threshold: float = Field(
+        0.9,
+        gt=-1.0,
+        le=1.0,
+        description="Cosine similarity above which a token is suppressed by a kept one; 1.0 turns "
+        "NMS off (plain top-k by saliency).",
+    )
+    visionzip_dominant: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="encoder_involved: share of tokens the VisionZip stage keeps as dominant.",
+    )
+    visionzip_contextual: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="encoder_involved: share of tokens the VisionZip stage adds as merged context.",
+    )
+
+    @field_validator("visual_keep", mode="before")
+    @classmethod
+    def _check_keep(cls, value: object) -> float:
+        return validate_visual_keep(value)
+
+    def proxy_layer_for(self, num_hidden_layers: int) -> int:
+        k = self.proxy_layer or default_proxy_layer(num_hidden_layers)
+        if k > num_hidden_layers:
+            raise ValueError(
+                f"proxy_layer must be in [1, {num_hidden_layers}] for this model, got {k}"
+            )
+        return k
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "PioFvlmSettings":
+        """Reads `PIO_FVLM_<FIELD>` variables; raises ValueError naming the variable."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for name, field in cls.model_fields.items():
+            raw = environ.get(ENV_PREFIX + name.upper())
+            if raw is None or raw == "":
+                continue
+            annotation = field.annotation
+            if name == "visual_keep" or annotation is float:
+                try:
+                    values[name] = float(raw)
+                except ValueError:
+                    raise ValueError(
+                        f"{ENV_PREFIX}{name.upper()} must be a number, got {raw!r}"
+                    ) from None
+            else:
+                values[name] = raw
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "settings"
+            raise ValueError(
+                f"{ENV_PREFIX}{field.upper()}: {first['msg']} (got {first.get('input')!r})"
+            ) from None

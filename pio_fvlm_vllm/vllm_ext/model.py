@@ -1,0 +1,147 @@
+"""LLaVA-NeXT for vLLM with PIO-FVLM selection in the multimodal embedding step.
+
+The vision tower and projector run as in stock vLLM and give N embeddings per image; for an
+image whose request asked for fewer, the selection pass (proxy forward through the first K
+decoder layers, layer-local gradient saliency, NMS) keeps exactly the number of placeholders
+the processor emitted, in their original order. Every decoder layer then prefills and caches
+only those tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from ..algorithm import ImageContext, ProxyWeights, select_tokens
+from ..budget import budget
+from ..settings import PioFvlmSettings
+from .context import CONTEXT_FIELD, KEEP_ALL, PromptContext
+from .processor import PioFvlmLlavaNextProcessor
+from .stats import SELECTION_STATS
+
+logger = logging.getLogger(__name__)
+
+
+class ProxySnapshotHook(QuantizeMethodBase):
+    """Takes the proxy's weights right after loading, before any post-load processing.
+
+    vLLM runs `process_weights_after_loading` on every module with a `quant_method`, the root
+    module first, for real and dummy weights alike; on CPU the later calls repack the linear
+    weights into opaque handles, so this is the last moment they are readable.
+    """
+
+    requires_device_loading = False
+    supports_pre_processed_weights = True
+
+    def create_weights(self, layer, *args, **kwargs):  # pragma: no cover - never a layer
+        raise NotImplementedError
+
+    def apply(self, layer, *args, **kwargs):  # pragma: no cover - never a layer
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        layer.snapshot_proxy_weights()
+
+
+def _as_list(batched: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return list(batched.unbind(0)) if isinstance(batched, torch.Tensor) else list(batched)
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PioFvlmLlavaNextProcessor,
+    info=LlavaNextProcessingInfo,
+    dummy_inputs=LlavaDummyInputsBuilder,
+)
+class PioFvlmLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        text_config = self.config.text_config
+        self.pio_settings = PioFvlmSettings.from_env()
+        self.pio_proxy_layers = self.pio_settings.proxy_layer_for(text_config.num_hidden_layers)
+        self.pio_tp_size = vllm_config.parallel_config.tensor_parallel_size
+        self.pio_proxy: ProxyWeights | None = None
+        self.quant_method = ProxySnapshotHook()
+
+    def snapshot_proxy_weights(self) -> None:
+        from .proxy_weights import snapshot_proxy_weights
+
+        if self.pio_tp_size > 1:
+            logger.warning(
+                "PIO-FVLM selection is not available with tensor parallel size %d; "
+                "requests that prune fall back to uniform-stride selection", self.pio_tp_size
+            )
+            return
+        # Accelerator parameters stay in place: views are enough there.
+        copy = next(self.language_model.parameters()).device.type == "cpu"
+        self.pio_proxy = snapshot_proxy_weights(
+            self.language_model, self.config.text_config, self.pio_proxy_layers, copy=copy
+        )
+
+    def embed_multimodal(self, **kwargs: object):
+        packed = kwargs.pop(CONTEXT_FIELD, None)
+        embeddings = super().embed_multimodal(**kwargs)
+        if packed is None or len(embeddings) == 0:
+            return embeddings
+        contexts = [PromptContext.unpack(p) for p in _as_list(packed)]
+        if len(contexts) != len(embeddings):
+            raise RuntimeError(f"{len(contexts)} PIO-FVLM contexts for {len(embeddings)} images")
+        return self._select(list(embeddings), contexts)
+
+    def _select(self, embeddings: list[torch.Tensor], contexts: list[PromptContext]) -> list[torch.Tensor]:
+        todo = [i for i, c in enumerate(contexts) if c.num_keep != KEEP_ALL]
+        if not todo:
+            return embeddings
+        for i in todo:
+            n, k = embeddings[i].shape[0], contexts[i].num_keep
+            if not 0 < k <= n:
+                raise RuntimeError(f"image {i}: {k} placeholders for {n} image tokens")
+        start = time.perf_counter()
+        kept = self._kept_indices([embeddings[i] for i in todo], [contexts[i] for i in todo])
+        for i, idx in zip(todo, kept):
+            SELECTION_STATS.record(embeddings[i].shape[0], idx.numel())
+            embeddings[i] = embeddings[i][idx.to(embeddings[i].device)]
+        SELECTION_STATS.record_time(time.perf_counter() - start)
+        return embeddings
+
+    def _kept_indices(self, images: list[torch.Tensor], contexts: list[PromptContext]) -> list[torch.Tensor]:
+        budgets = [c.num_keep for c in contexts]
+        if self.pio_proxy is None:
+            return [uniform_stride(img.shape[0], k, img.device) for img, k in zip(images, budgets)]
+        device = images[0].device
+        image_contexts = [
+            ImageContext(
+                image_embeds=img,
+                prefix_embeds=self._embed_text(c.prefix_ids, device),
+                suffix_embeds=self._embed_text(c.suffix_ids, device),
+            )
+            for img, c in zip(images, contexts)
+        ]
+        try:
+            return select_tokens(self.pio_proxy, image_contexts, budgets, self.pio_settings)
+        except Exception:
+            # A failed selection must not fail the batch: every other request in it would be
+            # lost with it. The pruned requests still get their exact budget.
+            logger.exception("PIO-FVLM selection failed; using uniform-stride selection")
+            SELECTION_STATS.record_failure()
+            return [uniform_stride(img.shape[0], k, img.device) for img, k in zip(images, budgets)]
+
+    def _embed_text(self, ids: list[int], device: torch.device) -> torch.Tensor:
+        tokens = torch.tensor(ids, dtype=torch.long, device=device)
+        return self.embed_input_ids(tokens)
+
+
+def uniform_stride(num_tokens: int, num_keep: int, device: torch.device) -> torch.Tensor:
+    """num_keep evenly spaced indices out of num_tokens, ascending."""
+    return torch.linspace(0, num_tokens - 1, num_keep, device=device).round().long().unique()[:num_keep] \
+        if num_keep > 1 else torch.tensor([num_tokens // 2], device=device)

@@ -1,0 +1,113 @@
+"""LLaVA-NeXT multimodal processor that emits budget(N, visual_keep) placeholders per image.
+
+The request's keep ratio arrives as the processor kwarg `visual_keep` (routed there from the
+OpenAI body, `vllm_xargs` or `SamplingParams.extra_args`, see `requests.py`), or from the
+server default. Fewer placeholder tokens is what shrinks the request's KV-cache allocation:
+the scheduler sizes a request from its prompt length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from vllm.model_executor.models.llava_next import LlavaNextMultiModalProcessor
+from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem
+from vllm.multimodal.processing.processor import PromptReplacement, PromptUpdate
+
+from ..budget import VISUAL_KEEP_FIELD, budget, validate_visual_keep
+from ..settings import PioFvlmSettings
+from .context import CONTEXT_FIELD, KEEP_ALL, PromptContext, image_contexts
+
+# Processor kwargs private to the plugin. They take part in the multimodal hash (so the
+# encoder cache, the processor cache and prefix caching tell questions apart) and are
+# removed before the Hugging Face processor is called.
+_KEEP_KWARG = "_pio_fvlm_keep"
+_PROMPT_KWARG = "_pio_fvlm_prompt"
+_PRIVATE_KWARGS = (_KEEP_KWARG, _PROMPT_KWARG)
+
+_CONTEXT_FIELD_TYPE = MultiModalBatchedField(keep_on_cpu=True)
+
+
+def _prompt_digest(prompt_ids: Sequence[int]) -> str:
+    return hashlib.sha256(",".join(map(str, prompt_ids)).encode()).hexdigest()
+
+
+class PioFvlmLlavaNextProcessor(LlavaNextMultiModalProcessor):
+    settings: PioFvlmSettings | None = None
+
+    @classmethod
+    def server_settings(cls) -> PioFvlmSettings:
+        if cls.settings is None:
+            cls.settings = PioFvlmSettings.from_env()
+        return cls.settings
+
+    def _request_keep(self, kwargs: dict[str, object]) -> float:
+        raw = kwargs.pop(VISUAL_KEEP_FIELD, None)
+        if raw is None:
+            return self.server_settings().visual_keep
+        return validate_visual_keep(raw)
+
+    def apply(self, inputs, timing_ctx):
+        kwargs = dict(inputs.hf_processor_mm_kwargs)
+        keep = self._request_keep(kwargs)
+        prune = keep < 1.0 and len(inputs.mm_data_items.get("image", ())) > 0
+        if prune:
+            kwargs[_KEEP_KWARG] = keep
+            kwargs[_PROMPT_KWARG] = _prompt_digest(inputs.prompt)
+        result = super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
+        self._attach_contexts(result, inputs.prompt, prune)
+        return result
+
+    def _attach_contexts(self, result, prompt_ids: list[int], prune: bool) -> None:
+        items = result["mm_kwargs"].get("image", [])
+        if not items:
+            return
+        image_token_id = self.info.get_hf_config().image_token_index
+        around = image_contexts(list(prompt_ids), image_token_id) if prune else None
+        for i, (item, placeholder) in enumerate(zip(items, result["mm_placeholders"]["image"])):
+            if item is None:  # the engine already holds this item, context included
+                continue
+            if prune:
+                prefix, suffix = around[i]
+                ctx = PromptContext(placeholder.length, prefix, suffix)
+            else:
+                ctx = PromptContext(KEEP_ALL, [], [])
+            item[CONTEXT_FIELD] = MultiModalFieldElem(data=ctx.pack(), field=_CONTEXT_FIELD_TYPE)
+
+    def _get_mm_hashes(self, inputs):
+        hashes = super()._get_mm_hashes(inputs)
+        if _PROMPT_KWARG not in inputs.hf_processor_mm_kwargs:
+            return hashes
+        # The same image twice in one prompt is selected against different text around it.
+        return {
+            modality: [hashlib.sha256(f"{h}#{i}".encode()).hexdigest() for i, h in enumerate(hs)]
+            for modality, hs in hashes.items()
+        }
+
+    def _apply_hf_processor_main(self, mm_items, hf_kwargs, *args, **kwargs):
+        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in _PRIVATE_KWARGS}
+        return super()._apply_hf_processor_main(mm_items, hf_kwargs, *args, **kwargs)
+
+    def _get_prompt_updates(
+        self,
+        mm_items,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs,
+    ) -> Sequence[PromptUpdate]:
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        keep = hf_processor_mm_kwargs.get(_KEEP_KWARG)
+        if keep is None:
+            return updates
+        pruned = []
+        for update in updates:
+            stock = update.replacement
+
+            def replacement(item_idx: int, stock=stock) -> list[int]:
+                tokens = stock(item_idx)
+                return tokens[: budget(len(tokens), keep)]
+
+            pruned.append(PromptReplacement(modality=update.modality, target=update.target,
+                                             replacement=replacement))
+        return pruned

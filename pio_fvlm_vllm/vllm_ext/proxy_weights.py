@@ -1,0 +1,75 @@
+"""Differentiable copies of the proxy's weights, taken from a loaded vLLM Llama-family model.
+
+vLLM fuses q/k/v and gate/up projections; the proxy wants them apart. On CPU the engine
+repacks linear weights into oneDNN handles after loading and leaves empty tensors behind, so
+the snapshot must be taken before that (see `ProxySnapshotHook`) and must own its memory;
+on accelerators views of the engine's parameters suffice.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..algorithm.decoder import DecoderLayerWeights, DecoderShape, ProxyWeights
+
+
+def _rope_theta(text_config) -> float:
+    params = getattr(text_config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta or getattr(text_config, "rope_theta", None) or 10000.0)
+
+
+def decoder_shape(text_config) -> DecoderShape:
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return DecoderShape(
+        hidden_size=text_config.hidden_size,
+        num_heads=heads,
+        num_kv_heads=getattr(text_config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        rms_norm_eps=getattr(text_config, "rms_norm_eps", 1e-5),
+        rope_theta=_rope_theta(text_config),
+    )
+
+
+def _take(t: torch.Tensor, copy: bool) -> torch.Tensor:
+    t = t.detach()
+    return t.clone() if copy else t
+
+
+def snapshot_proxy_weights(
+    language_model: nn.Module, text_config, num_layers: int, *, copy: bool
+) -> ProxyWeights:
+    """The first `num_layers` decoder layers, the final norm and the LM head of a vLLM
+    LlamaForCausalLM-style module (`.model.layers`, `.model.norm`, `.lm_head`)."""
+    shape = decoder_shape(text_config)
+    q_size = shape.num_heads * shape.head_dim
+    kv_size = shape.num_kv_heads * shape.head_dim
+    layers = []
+    with torch.inference_mode(False), torch.no_grad():
+        for layer in language_model.model.layers[:num_layers]:
+            attn, mlp = layer.self_attn, layer.mlp
+            q, k, v = _take(attn.qkv_proj.weight, copy).split([q_size, kv_size, kv_size])
+            bias = getattr(attn.qkv_proj, "bias", None)
+            qb = kb = vb = None
+            if bias is not None:
+                qb, kb, vb = _take(bias, copy).split([q_size, kv_size, kv_size])
+            gate, up = _take(mlp.gate_up_proj.weight, copy).chunk(2)
+            layers.append(
+                DecoderLayerWeights(
+                    input_norm=_take(layer.input_layernorm.weight, copy),
+                    q_proj=q, k_proj=k, v_proj=v,
+                    o_proj=_take(attn.o_proj.weight, copy),
+                    post_norm=_take(layer.post_attention_layernorm.weight, copy),
+                    gate_proj=gate, up_proj=up,
+                    down_proj=_take(mlp.down_proj.weight, copy),
+                    q_bias=qb, k_bias=kb, v_bias=vb,
+                )
+            )
+        return ProxyWeights(
+            shape=shape,
+            layers=layers,
+            final_norm=_take(language_model.model.norm.weight, copy),
+            lm_head=_take(language_model.lm_head.weight, copy),
+        )

@@ -1,0 +1,159 @@
+"""The mathematics of the selection, on real PyTorch autograd."""
+
+import pytest
+import torch
+
+from pio_fvlm_vllm.algorithm import (
+    ImageContext, gradient_saliency, nms_select, select_tokens, visionzip_compress,
+)
+from pio_fvlm_vllm.algorithm.decoder import decoder_layer, rotary_cos_sin
+from pio_fvlm_vllm.algorithm.saliency import proxy_loss
+from pio_fvlm_vllm.settings import PioFvlmSettings
+
+from .conftest import random_proxy
+
+
+def _context(n=12, p=3, s=5, dim=32, seed=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return ImageContext(
+        image_embeds=torch.randn(n, dim, generator=g, dtype=dtype),
+        prefix_embeds=torch.randn(p, dim, generator=g, dtype=dtype),
+        suffix_embeds=torch.randn(s, dim, generator=g, dtype=dtype),
+    )
+
+
+def _loss_from_layer_input(proxy, ctx, h_in, loss_kind):
+    """Loss as a function of the input of the last proxy layer (layer-local backward)."""
+    seq = h_in.shape[1]
+    cos, sin = rotary_cos_sin(torch.arange(seq)[None], proxy.shape.head_dim, proxy.shape.rope_theta, h_in.dtype)
+    out = decoder_layer(h_in, proxy.layers[-1], proxy.shape, cos, sin)
+    return proxy_loss(out[:, -1], proxy, loss_kind)
+
+
+def _layer_input(proxy, ctx):
+    x = torch.cat([ctx.prefix_embeds, ctx.image_embeds, ctx.suffix_embeds])[None]
+    cos, sin = rotary_cos_sin(torch.arange(x.shape[1])[None], proxy.shape.head_dim, proxy.shape.rope_theta, x.dtype)
+    for w in proxy.layers[:-1]:
+        x = decoder_layer(x, w, proxy.shape, cos, sin)
+    return x
+
+
+@pytest.mark.parametrize("loss_kind", ["logit_lens", "state"])
+def test_saliency_matches_finite_differences(proxy, loss_kind):
+    ctx = _context()
+    sal = gradient_saliency(proxy, [ctx], loss_kind=loss_kind, reduction="grad_x_input")
+    h = _layer_input(proxy, ctx).detach()
+    start = ctx.prefix_embeds.shape[0]
+    eps = 1e-4
+    # Directional finite difference along each image token's own state: d/dt L(h + t*e_i*h_i).
+    for i in range(ctx.num_image_tokens):
+        bump = torch.zeros_like(h)
+        bump[0, start + i] = h[0, start + i]
+        lp = _loss_from_layer_input(proxy, ctx, h + eps * bump, loss_kind)
+        lm = _loss_from_layer_input(proxy, ctx, h - eps * bump, loss_kind)
+        fd = ((lp - lm) / (2 * eps)).abs().item()
+        assert sal.scores[0, i].item() == pytest.approx(fd, rel=1e-4, abs=1e-9)
+
+
+def test_grad_norm_reduction_matches_autograd(proxy):
+    ctx = _context()
+    sal = gradient_saliency(proxy, [ctx], reduction="grad_norm")
+    h = _layer_input(proxy, ctx).detach().requires_grad_(True)
+    loss = _loss_from_layer_input(proxy, ctx, h, "logit_lens")
+    (g,) = torch.autograd.grad(loss, h)
+    start = ctx.prefix_embeds.shape[0]
+    expected = g[0, start:start + ctx.num_image_tokens].norm(dim=-1)
+    torch.testing.assert_close(sal.scores[0, :ctx.num_image_tokens], expected)
+
+
+def test_batched_saliency_equals_one_at_a_time(proxy):
+    contexts = [_context(n=12, p=3, s=5, seed=1), _context(n=7, p=1, s=9, seed=2), _context(n=20, p=6, s=2, seed=3)]
+    batched = gradient_saliency(proxy, contexts)
+    for b, ctx in enumerate(contexts):
+        alone = gradient_saliency(proxy, [ctx])
+        n = ctx.num_image_tokens
+        torch.testing.assert_close(batched.scores[b, :n], alone.scores[0, :n], rtol=1e-9, atol=1e-12)
+        assert torch.isinf(batched.scores[b, n:]).all()
+
+
+def test_full_backprop_differs_from_layer_local(proxy):
+    ctx = _context()
+    local = gradient_saliency(proxy, [ctx], backprop_layers=1).scores
+    full = gradient_saliency(proxy, [ctx], backprop_layers=2).scores
+    assert not torch.allclose(local, full)
+    with pytest.raises(ValueError, match="backprop_layers must be in"):
+        gradient_saliency(proxy, [ctx], backprop_layers=3)
+
+
+def test_nms_drops_near_duplicates_that_topk_keeps():
+    # Tokens 0 and 1 are near-identical and the two most salient; token 2 is distinct.
+    features = torch.tensor([[[1.0, 0.0, 0.0], [0.999, 0.01, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+    scores = torch.tensor([[0.9, 0.8, 0.5, 0.1]])
+    (topk,) = nms_select(scores, features, [2], threshold=1.0)
+    (nms,) = nms_select(scores, features, [2], threshold=0.9)
+    assert topk.tolist() == [0, 1]
+    assert nms.tolist() == [0, 2]
+
+
+def test_nms_fills_budget_from_suppressed_in_saliency_order():
+    features = torch.ones(1, 5, 4)  # all identical: everything after the first is suppressed
+    scores = torch.tensor([[0.1, 0.5, 0.3, 0.9, 0.2]])
+    (kept,) = nms_select(scores, features, [3], threshold=0.5)
+    assert kept.tolist() == [1, 2, 3]
+
+
+def test_nms_exact_count_sorted_and_padding_ignored():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(3, 50, generator=g)
+    scores[1, 30:] = float("-inf")
+    features = torch.randn(3, 50, 8, generator=g)
+    kept = nms_select(scores, features, [10, 30, 1], threshold=0.3)
+    assert [k.numel() for k in kept] == [10, 30, 1]
+    for k in kept:
+        assert torch.equal(k, k.sort().values) and k.unique().numel() == k.numel()
+    assert kept[1].max() < 30
+    with pytest.raises(ValueError, match="outside"):
+        nms_select(scores, features, [10, 31, 1], threshold=0.3)
+
+
+def test_select_tokens_exact_ordered_deterministic(proxy):
+    settings = PioFvlmSettings(nms_threshold=0.5)
+    contexts = [_context(n=40, seed=4), _context(n=25, seed=5)]
+    first = select_tokens(proxy, contexts, [5, 25], settings)
+    second = select_tokens(proxy, contexts, [5, 25], settings)
+    assert first[0].numel() == 5 and torch.equal(first[0], first[0].sort().values)
+    assert torch.equal(first[1], torch.arange(25))  # keep all: no proxy, identity
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    with pytest.raises(ValueError, match="budget for image 0"):
+        select_tokens(proxy, contexts, [0, 3], settings)
+
+
+def test_single_token_image(proxy):
+    ctx = _context(n=1)
+    (kept,) = select_tokens(proxy, [ctx], [1], PioFvlmSettings())
+    assert kept.tolist() == [0]
+
+
+def test_different_questions_move_the_selection(proxy):
+    base = _context(n=60, seed=6)
+    g = torch.Generator().manual_seed(99)
+    other = ImageContext(base.image_embeds, base.prefix_embeds,
+                         torch.randn(5, 32, generator=g, dtype=torch.float64))
+    settings = PioFvlmSettings(nms_threshold=1.0)
+    (a,) = select_tokens(proxy, [base], [8], settings)
+    (b,) = select_tokens(proxy, [other], [8], settings)
+    assert not torch.equal(a, b)
+
+
+def test_visionzip_dominant_and_contextual():
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(20, 6, generator=g)
+    importance = torch.arange(20, dtype=torch.float32)
+    out = visionzip_compress(embeds, importance, embeds, num_dominant=5, num_contextual=3)
+    assert out.dominant.tolist() == [15, 16, 17, 18, 19]
+    assert out.embeds.shape == (8, 6)
+    torch.testing.assert_close(out.embeds[:5], embeds[15:])
+    # Contextual tokens are means of the remainder: together they carry its total mass.
+    rest = embeds[:15]
+    assert out.embeds[5:].abs().sum() > 0
+    assert torch.isfinite(out.embeds).all() and rest.shape[0] == 15

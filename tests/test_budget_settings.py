@@ -1,0 +1,59 @@
+import math
+
+import pytest
+
+from pio_fvlm_vllm.budget import budget, validate_visual_keep
+from pio_fvlm_vllm.settings import PioFvlmSettings, default_proxy_layer
+
+
+@pytest.mark.parametrize(
+    "n, keep, expected",
+    [(2880, 0.111, 320), (2880, 1.0, 2880), (2880, 1e-9, 1), (1, 0.01, 1), (1, 1.0, 1),
+     (3, 0.5, 2), (10, 0.25, 3), (0, 0.5, 0), (576, 0.111, 64)],
+)
+def test_budget_values(n, keep, expected):
+    assert budget(n, keep) == expected
+
+
+def test_budget_is_monotone_and_bounded():
+    for n in range(1, 300, 7):
+        previous = 0
+        for step in range(1, 101):
+            k = budget(n, step / 100)
+            assert 1 <= k <= n
+            assert k >= previous
+            previous = k
+        assert budget(n, 1.0) == n
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.0001, 2, math.nan, math.inf, "0.5", [0.5], True, False, None])
+def test_invalid_keep_names_field_and_range(bad):
+    with pytest.raises(ValueError, match=r"visual_keep must be a number in \(0, 1\]"):
+        validate_visual_keep(bad)
+
+
+def test_settings_defaults_and_env():
+    s = PioFvlmSettings()
+    assert s.visual_keep == 1.0 and s.mode == "encoder_free" and s.proxy_layer is None
+    env = {"PIO_FVLM_VISUAL_KEEP": "0.25", "PIO_FVLM_PROXY_LAYER": "3", "PIO_FVLM_NMS_THRESHOLD": "0.8"}
+    s = PioFvlmSettings.from_env(env)
+    assert (s.visual_keep, s.proxy_layer, s.nms_threshold) == (0.25, 3, 0.8)
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [({"PIO_FVLM_VISUAL_KEEP": "abc"}, "PIO_FVLM_VISUAL_KEEP must be a number"),
+     ({"PIO_FVLM_VISUAL_KEEP": "1.5"}, "visual_keep must be a number in"),
+     ({"PIO_FVLM_MODE": "fast"}, "PIO_FVLM_MODE"),
+     ({"PIO_FVLM_PROXY_LAYER": "0"}, "PIO_FVLM_PROXY_LAYER")],
+)
+def test_settings_env_errors_name_the_variable(env, message):
+    with pytest.raises(ValueError, match=message):
+        PioFvlmSettings.from_env(env)
+
+
+def test_proxy_layer_defaults():
+    assert default_proxy_layer(32) == 2
+    assert 1 <= default_proxy_layer(4) <= 4
+    with pytest.raises(ValueError, match="proxy_layer must be in"):
+        PioFvlmSettings(proxy_layer=9).proxy_layer_for(4)
