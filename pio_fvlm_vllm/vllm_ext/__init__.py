@@ -7,11 +7,22 @@ MODEL_CLASS = "pio_fvlm_vllm.vllm_ext.model:PioFvlmLlavaNextForConditionalGenera
 
 
 def install() -> None:
+    import multiprocessing
+
     from vllm import ModelRegistry
 
-    from .cli import install_cli_flag
-    from .requests import install_request_routing
+    from .stats import ensure_stats_dir, register_collector
 
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
-    install_request_routing()
+    if multiprocessing.parent_process() is not None:
+        return  # engine and worker processes: the model is all they need
+    # The front-end process: parses the command line, renders requests, serves HTTP.
+    from .cli import install_cli_flag
+    from .observability import install_response_header
+    from .requests import install_request_routing
+
+    ensure_stats_dir()  # before the engine processes start, so they inherit it
+    register_collector()
     install_cli_flag()
+    install_request_routing()
+    install_response_header()

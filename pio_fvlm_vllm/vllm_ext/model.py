@@ -87,6 +87,10 @@ class PioFvlmLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
         self.pio_proxy = snapshot_proxy_weights(
             self.language_model, self.config.text_config, self.pio_proxy_layers, copy=copy
         )
+        logger.info(
+            "PIO-FVLM proxy ready: decoder layers 1..%d (%s), settings %s",
+            self.pio_proxy_layers, "copied" if copy else "shared", self.pio_settings.model_dump(),
+        )
 
     def embed_multimodal(self, **kwargs: object):
         packed = kwargs.pop(CONTEXT_FIELD, None)
@@ -107,17 +111,21 @@ class PioFvlmLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
             if not 0 < k <= n:
                 raise RuntimeError(f"image {i}: {k} placeholders for {n} image tokens")
         start = time.perf_counter()
-        kept = self._kept_indices([embeddings[i] for i in todo], [contexts[i] for i in todo])
+        kept, failed = self._kept_indices([embeddings[i] for i in todo], [contexts[i] for i in todo])
+        seen = [embeddings[i].shape[0] for i in todo]
         for i, idx in zip(todo, kept):
-            SELECTION_STATS.record(embeddings[i].shape[0], idx.numel())
             embeddings[i] = embeddings[i][idx.to(embeddings[i].device)]
-        SELECTION_STATS.record_time(time.perf_counter() - start)
+        SELECTION_STATS.record(seen, [idx.numel() for idx in kept], time.perf_counter() - start, failed)
         return embeddings
 
-    def _kept_indices(self, images: list[torch.Tensor], contexts: list[PromptContext]) -> list[torch.Tensor]:
+    def _kept_indices(
+        self, images: list[torch.Tensor], contexts: list[PromptContext]
+    ) -> tuple[list[torch.Tensor], bool]:
+        """Kept indices per image, and whether the selection pass failed."""
         budgets = [c.num_keep for c in contexts]
+        fallback = [uniform_stride(img.shape[0], k, img.device) for img, k in zip(images, budgets)]
         if self.pio_proxy is None:
-            return [uniform_stride(img.shape[0], k, img.device) for img, k in zip(images, budgets)]
+            return fallback, False
         device = images[0].device
         image_contexts = [
             ImageContext(
@@ -128,13 +136,12 @@ class PioFvlmLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
             for img, c in zip(images, contexts)
         ]
         try:
-            return select_tokens(self.pio_proxy, image_contexts, budgets, self.pio_settings)
+            return select_tokens(self.pio_proxy, image_contexts, budgets, self.pio_settings), False
         except Exception:
             # A failed selection must not fail the batch: every other request in it would be
             # lost with it. The pruned requests still get their exact budget.
             logger.exception("PIO-FVLM selection failed; using uniform-stride selection")
-            SELECTION_STATS.record_failure()
-            return [uniform_stride(img.shape[0], k, img.device) for img, k in zip(images, budgets)]
+            return fallback, True
 
     def _embed_text(self, ids: list[int], device: torch.device) -> torch.Tensor:
         tokens = torch.tensor(ids, dtype=torch.long, device=device)
@@ -142,6 +149,7 @@ class PioFvlmLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
 
 
 def uniform_stride(num_tokens: int, num_keep: int, device: torch.device) -> torch.Tensor:
-    """num_keep evenly spaced indices out of num_tokens, ascending."""
-    return torch.linspace(0, num_tokens - 1, num_keep, device=device).round().long().unique()[:num_keep] \
-        if num_keep > 1 else torch.tensor([num_tokens // 2], device=device)
+    """num_keep evenly spaced indices out of num_tokens, ascending and distinct (num_keep <= N)."""
+    if num_keep == 1:
+        return torch.tensor([num_tokens // 2], device=device)
+    return torch.linspace(0, num_tokens - 1, num_keep, device=device).round().long()

@@ -14,11 +14,13 @@ from dataclasses import replace
 
 from vllm.model_executor.models.llava_next import LlavaNextMultiModalProcessor
 from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem
+from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 from vllm.multimodal.processing.processor import PromptReplacement, PromptUpdate
 
 from ..budget import VISUAL_KEEP_FIELD, budget, validate_visual_keep
 from ..settings import PioFvlmSettings
 from .context import CONTEXT_FIELD, KEEP_ALL, PromptContext, image_contexts
+from .observability import IMAGE_TOTALS
 
 # Processor kwargs private to the plugin. They take part in the multimodal hash (so the
 # encoder cache, the processor cache and prefix caching tell questions apart) and are
@@ -57,16 +59,28 @@ class PioFvlmLlavaNextProcessor(LlavaNextMultiModalProcessor):
             kwargs[_KEEP_KWARG] = keep
             kwargs[_PROMPT_KWARG] = _prompt_digest(inputs.prompt)
         result = super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
-        self._attach_contexts(result, inputs.prompt, prune)
+        self._attach_contexts(result, inputs, prune)
         return result
 
-    def _attach_contexts(self, result, prompt_ids: list[int], prune: bool) -> None:
+    def _stock_num_tokens(self, mm_items, item_idx: int) -> int:
+        """Unpruned token count of an image, as stock LLaVA-NeXT computes it."""
+        images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
+        if isinstance(images, ImageEmbeddingItems):
+            return images.get_feature_size(item_idx)
+        size = images.get_image_size(item_idx)
+        return self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
+
+    def _attach_contexts(self, result, inputs, prune: bool) -> None:
         items = result["mm_kwargs"].get("image", [])
         if not items:
             return
         image_token_id = self.info.get_hf_config().image_token_index
-        around = image_contexts(list(prompt_ids), image_token_id) if prune else None
-        for i, (item, placeholder) in enumerate(zip(items, result["mm_placeholders"]["image"])):
+        around = image_contexts(list(inputs.prompt), image_token_id) if prune else None
+        placeholders = result["mm_placeholders"]["image"]
+        hashes = result["mm_hashes"]["image"]
+        for i, (item, placeholder) in enumerate(zip(items, placeholders)):
+            if prune:
+                IMAGE_TOTALS.put(hashes[i], self._stock_num_tokens(inputs.mm_data_items, i))
             if item is None:  # the engine already holds this item, context included
                 continue
             if prune:

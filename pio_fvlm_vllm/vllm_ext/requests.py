@@ -16,9 +16,7 @@ from typing import Any
 from vllm.exceptions import VLLMValidationError
 
 from ..budget import VISUAL_KEEP_FIELD, validate_visual_keep
-
-_MISSING = object()
-
+from .observability import note_rendered
 
 def _validated(value: Any, where: str) -> float:
     try:
@@ -29,13 +27,14 @@ def _validated(value: Any, where: str) -> float:
 
 def request_visual_keep(request: Any) -> float | None:
     """The keep ratio an OpenAI request asks for, validated; None when it does not say."""
-    top = (getattr(request, "model_extra", None) or {}).get(VISUAL_KEEP_FIELD, _MISSING)
+    top = (getattr(request, "model_extra", None) or {}).get(VISUAL_KEEP_FIELD)
     xargs = getattr(request, "vllm_xargs", None) or {}
-    nested = xargs.get(VISUAL_KEEP_FIELD, _MISSING)
+    nested = xargs.get(VISUAL_KEEP_FIELD)
     values = {}
-    if top is not _MISSING:
+    # JSON null means "not set", as for every optional OpenAI field.
+    if top is not None:
         values[VISUAL_KEEP_FIELD] = _validated(top, VISUAL_KEEP_FIELD)
-    if nested is not _MISSING:
+    if nested is not None:
         values["vllm_xargs.visual_keep"] = _validated(nested, "vllm_xargs.visual_keep")
     if len(set(values.values())) > 1:
         raise VLLMValidationError(
@@ -52,7 +51,12 @@ def _route_online(preprocess):
         if keep is not None:
             current = getattr(request, "mm_processor_kwargs", None) or {}
             request.mm_processor_kwargs = {**current, VISUAL_KEEP_FIELD: keep}
-        return await preprocess(self, request, *args, **kwargs)
+        result = await preprocess(self, request, *args, **kwargs)
+        # preprocess_chat returns (conversation, engine_inputs), preprocess_cmpl engine_inputs.
+        engine_inputs = result[1] if isinstance(result, tuple) else result
+        if isinstance(engine_inputs, list):
+            note_rendered(engine_inputs)
+        return result
 
     wrapper.__pio_fvlm__ = True
     return wrapper

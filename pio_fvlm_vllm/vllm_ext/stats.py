@@ -1,43 +1,116 @@
-"""Process-local counters of the selection pass, exported to Prometheus by the API server."""
+"""Counters of the selection pass and their Prometheus export.
+
+The selection runs in vLLM's worker processes, the API server serves /metrics: workers write
+their cumulative counters to one small JSON file each in a directory shared through the
+environment (`PIO_FVLM_STATS_DIR`, created by the first process that loads the plugin), and
+a collector in the API server sums them at every scrape.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+STATS_DIR_ENV = "PIO_FVLM_STATS_DIR"
 
 
 @dataclass
-class SelectionStats:
+class SelectionCounters:
     images: int = 0
     tokens_seen: int = 0
     tokens_kept: int = 0
     failures: int = 0
     seconds: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record(self, seen: int, kept: int) -> None:
-        with self._lock:
-            self.images += 1
-            self.tokens_seen += seen
-            self.tokens_kept += kept
 
-    def record_time(self, seconds: float) -> None:
-        with self._lock:
-            self.seconds += seconds
+class SelectionStats:
+    """Process-local counters, persisted for the API server after every update."""
 
-    def record_failure(self) -> None:
-        with self._lock:
-            self.failures += 1
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counters = SelectionCounters()
 
-    def snapshot(self) -> dict[str, float]:
+    def record(self, tokens_seen: list[int], tokens_kept: list[int], seconds: float, failed: bool) -> None:
         with self._lock:
-            return {
-                "images": self.images,
-                "tokens_seen": self.tokens_seen,
-                "tokens_kept": self.tokens_kept,
-                "failures": self.failures,
-                "seconds": self.seconds,
-            }
+            c = self.counters
+            c.images += len(tokens_seen)
+            c.tokens_seen += sum(tokens_seen)
+            c.tokens_kept += sum(tokens_kept)
+            c.failures += int(failed)
+            c.seconds += seconds
+            self._persist(asdict(c))
+
+    @staticmethod
+    def _persist(values: dict) -> None:
+        directory = os.environ.get(STATS_DIR_ENV)
+        if not directory:
+            return
+        path = Path(directory) / f"{os.getpid()}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(values))
+        tmp.replace(path)
 
 
 SELECTION_STATS = SelectionStats()
+
+
+def ensure_stats_dir() -> str:
+    """The shared directory, created once by the first process; children inherit it."""
+    directory = os.environ.get(STATS_DIR_ENV)
+    if not directory or not os.path.isdir(directory):
+        directory = tempfile.mkdtemp(prefix="pio_fvlm_stats_")
+        os.environ[STATS_DIR_ENV] = directory
+    return directory
+
+
+def read_totals(directory: str | None = None) -> SelectionCounters:
+    directory = directory or os.environ.get(STATS_DIR_ENV)
+    total = SelectionCounters()
+    if not directory or not os.path.isdir(directory):
+        return total
+    for path in Path(directory).glob("*.json"):
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # being replaced right now; the next scrape reads it
+        for name, value in values.items():
+            if hasattr(total, name):
+                setattr(total, name, getattr(total, name) + value)
+    return total
+
+
+class SelectionCollector:
+    """Prometheus collector over the workers' counters."""
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        t = read_totals()
+        yield CounterMetricFamily("pio_fvlm_images_pruned", "Images the PIO-FVLM selection pass pruned",
+                                  value=t.images)
+        yield CounterMetricFamily("pio_fvlm_image_tokens_seen", "Image tokens scored by the selection pass",
+                                  value=t.tokens_seen)
+        yield CounterMetricFamily("pio_fvlm_image_tokens_kept", "Image tokens kept by the selection pass",
+                                  value=t.tokens_kept)
+        yield CounterMetricFamily("pio_fvlm_selection_failures",
+                                  "Selections that failed and fell back to uniform stride",
+                                  value=t.failures)
+        yield CounterMetricFamily("pio_fvlm_selection_seconds", "Time spent in the selection pass",
+                                  value=t.seconds)
+
+
+_collector_registered = False
+
+
+def register_collector() -> None:
+    global _collector_registered
+    if _collector_registered:
+        return
+    from prometheus_client import REGISTRY
+
+    REGISTRY.register(SelectionCollector())
+    _collector_registered = True

@@ -1,0 +1,226 @@
+"""Builds LLaVA-NeXT checkpoint directories in the layout of the published llava-hf ones.
+
+    python -m pio_fvlm_vllm.checkpoints tiny checkpoints/tiny
+    python -m pio_fvlm_vllm.checkpoints small checkpoints/small
+    python -m pio_fvlm_vllm.checkpoints 7b-shape checkpoints/7b-shape   # config only
+
+A directory holds config.json, generation_config.json, model.safetensors (keys as in
+llava-hf/llava-v1.6-vicuna-7b-hf: `language_model.model.*`, `language_model.lm_head.*`,
+`vision_tower.vision_model.*`, `multi_modal_projector.*`, `image_newline`), the processor's
+preprocessor_config.json / processor_config.json, and a byte-level BPE tokenizer trained
+offline with a chat template. Weights are random (seeded); `7b-shape` writes no weights and is
+meant for `vllm serve DIR --load-format dummy`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_TOKEN = "<image>"
+# The llava-hf vicuna checkpoints keep the Llama-2 tokenizer (32000 tokens) and add <image>
+# at 32000; the embedding table is padded to 32064.
+LLAVA_V16_GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}{{ item['text'] }}{% endfor %}{% endif %}"
+    "{{ ' ' }}"
+    "{% else %}"
+    "{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\\n' }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}"
+    "{{ ' ' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+_CORPUS = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions. "
+    "USER: What is shown in this image? ASSISTANT: The image shows a red square on the left, "
+    "a blue circle at the top right and two green triangles. How many objects are there? "
+    "Is there a yellow star? Yes. No. What color is the square? Where is the circle? "
+    "left right top bottom center red green blue yellow purple orange white black "
+    "zero one two three four five six seven eight nine ten square circle triangle star cross"
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    vision: dict
+    text: dict
+    vocab_size: int  # text tokens, before <image>
+    write_weights: bool = True
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4),
+        vocab_size=1000,
+        description="random, seconds to build, for tests",
+    ),
+    "small": Preset(
+        vision=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4),
+        text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=32, num_attention_heads=8,
+                  num_key_value_heads=8),
+        vocab_size=4000,
+        description="random; a 32-layer LLM (the 7B's depth, narrower) so the LLM dominates prefill",
+    ),
+    "7b-shape": Preset(
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    projection_dim=768),
+        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32),
+        vocab_size=32000,
+        write_weights=False,
+        description="llava-v1.6-vicuna-7b config, no weights (use --load-format dummy)",
+    ),
+}
+
+
+def _log(msg: str) -> None:
+    print(f"[checkpoints] {msg}", file=sys.stderr, flush=True)
+
+
+def build_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    # Pad the vocabulary to the requested size so ids are stable across tokenizers versions.
+    missing = vocab_size - tok.get_vocab_size()
+    if missing > 0:
+        tok.add_tokens([f"<extra_{i}>" for i in range(missing)])
+    tok.add_special_tokens([IMAGE_TOKEN])
+    from tokenizers import processors
+
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<unk>", extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_config(preset: Preset, image_token_id: int):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_act="quick_gelu",
+                              projection_dim=preset.vision.get("projection_dim", 64),
+                              **{k: v for k, v in preset.vision.items() if k != "projection_dim"})
+    # Round the embedding table up to a multiple of 64 past <image>, as llava-hf does.
+    padded_vocab = ((image_token_id + 1 + 63) // 64) * 64
+    text = LlamaConfig(vocab_size=padded_vocab, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                       **preset.text)
+    return LlavaNextConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=image_token_id,
+        image_grid_pinpoints=LLAVA_V16_GRID_PINPOINTS, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", projector_hidden_act="gelu",
+        tie_word_embeddings=False,
+    )
+
+
+def hub_key(name: str) -> str:
+    """transformers 5 state-dict key -> the key published llava-hf checkpoints use."""
+    if name.startswith("model.language_model."):
+        return "language_model.model." + name[len("model.language_model."):]
+    if name.startswith("lm_head."):
+        return "language_model." + name
+    if name.startswith("model.vision_tower."):
+        rest = name[len("model.vision_tower."):]
+        return "vision_tower." + (rest if rest.startswith("vision_model.") else "vision_model." + rest)
+    if name.startswith("model."):
+        return name[len("model."):]
+    return name
+
+
+def build(preset_name: str, out: Path, *, seed: int = 0, dtype: str = "float32") -> Path:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import (GenerationConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessor, LlavaNextProcessor)
+
+    if preset_name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset_name!r}")
+    preset = PRESETS[preset_name]
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    _log(f"building {preset_name!r} ({preset.description}) in {out}")
+
+    tokenizer = build_tokenizer(preset.vocab_size)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    config = build_config(preset, image_token_id)
+    config.dtype = dtype
+    config.architectures = ["LlavaNextForConditionalGeneration"]
+    image_processor = LlavaNextImageProcessor(
+        image_grid_pinpoints=LLAVA_V16_GRID_PINPOINTS, size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(out)
+    image_processor.save_pretrained(out)  # preprocessor_config.json, as published checkpoints have
+    config.save_pretrained(out)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(out)
+    _log(f"config, processor and tokenizer written ({time.perf_counter() - start:.1f}s)")
+
+    if preset.write_weights:
+        torch.manual_seed(seed)
+        model = LlavaNextForConditionalGeneration(config).to(getattr(torch, dtype))
+        state = {hub_key(k): v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        n_params = sum(v.numel() for v in state.values())
+        _log(f"{n_params / 1e6:.1f}M random parameters written ({time.perf_counter() - start:.1f}s)")
+    (out / "README.md").write_text(
+        f"# {preset_name}\n\nBuilt by `python -m pio_fvlm_vllm.checkpoints {preset_name} DIR` "
+        f"(seed {seed}): {preset.description}.\n"
+    )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pio_fvlm_vllm.checkpoints", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("preset", choices=sorted(PRESETS))
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    args = parser.parse_args(argv)
+    build(args.preset, args.out, seed=args.seed, dtype=args.dtype)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
