@@ -118,7 +118,8 @@ class VllmServer:
         if self.process is None or self.process.poll() is not None:
             return
         pgid = os.getpgid(self.process.pid)
-        os.killpg(pgid, signal.SIGINT)
+        # Like Ctrl-C on the server alone: it shuts its engine processes down itself.
+        self.process.send_signal(signal.SIGINT)
         try:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -30,3 +30,10 @@ def random_proxy(num_layers=2, hidden=32, heads=4, kv_heads=2, inter=64, vocab=5
 @pytest.fixture
 def proxy():
     return random_proxy()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    from pio_fvlm_vllm.checkpoints import build
+
+    return build("tiny", tmp_path_factory.mktemp("ckpt") / "tiny")

@@ -9,12 +9,13 @@ only those tokens.
 
 from __future__ import annotations
 
-import logging
+
 import time
 from collections.abc import Sequence
 
 import torch
 from vllm.config import VllmConfig
+from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import (
@@ -30,7 +31,7 @@ from .context import CONTEXT_FIELD, KEEP_ALL, PromptContext
 from .processor import PioFvlmLlavaNextProcessor
 from .stats import SELECTION_STATS
 
-logger = logging.getLogger(__name__)
+logger = init_logger("vllm.pio_fvlm")
 
 
 class ProxySnapshotHook(QuantizeMethodBase):
