@@ -1,0 +1,130 @@
+"""Cost of the PIO-FVLM selection pass against a full prefill, at the algorithm level.
+
+    python -m benchmarks.selection_cost --shape small --n 576 1152 2880 --k 1 2 4
+    python -m benchmarks.selection_cost --shape 7b --n 2880 --k 2 --device cuda --dtype bfloat16
+
+Random weights of the chosen shape; the prefill runs the same pure-PyTorch decoder layers
+(SDPA or flash-attn) without autograd over [image tokens + text], the selection is the real
+`select_tokens` (proxy forward through K layers, layer-local backward, NMS). With
+`--layers-measured M`, the full prefill is M layers timed and scaled to the model's depth
+(for shapes too slow to run whole on a CPU); the table says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from pio_fvlm_vllm.algorithm import DecoderLayerWeights, DecoderShape, ImageContext, ProxyWeights, select_tokens
+from pio_fvlm_vllm.algorithm.decoder import decoder_layer, rotary_cos_sin
+from pio_fvlm_vllm.budget import budget
+from pio_fvlm_vllm.settings import PioFvlmSettings
+
+from .common import progress, write_result
+
+SHAPES = {
+    # hidden, heads, kv heads, intermediate, layers, vocab
+    "7b": (4096, 32, 32, 11008, 32, 32064),
+    "small": (512, 8, 8, 1376, 32, 4032),
+}
+
+
+def random_weights(shape_name: str, num_layers: int, device, dtype) -> ProxyWeights:
+    hidden, heads, kv, inter, _, vocab = SHAPES[shape_name]
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def r(*s):
+        return (torch.randn(*s, generator=g) * 0.02).to(device, dtype)
+
+    hd = hidden // heads
+    layers = [DecoderLayerWeights(
+        input_norm=torch.ones(hidden, device=device, dtype=dtype), q_proj=r(heads * hd, hidden),
+        k_proj=r(kv * hd, hidden), v_proj=r(kv * hd, hidden), o_proj=r(hidden, heads * hd),
+        post_norm=torch.ones(hidden, device=device, dtype=dtype), gate_proj=r(inter, hidden),
+        up_proj=r(inter, hidden), down_proj=r(hidden, inter)) for _ in range(num_layers)]
+    return ProxyWeights(DecoderShape(hidden, heads, kv, hd), layers,
+                        torch.ones(hidden, device=device, dtype=dtype), r(vocab, hidden))
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats):
+    fn()  # warm-up
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.no_grad()
+def prefill(weights: ProxyWeights, x: torch.Tensor, layers: int) -> torch.Tensor:
+    cos, sin = rotary_cos_sin(torch.arange(x.shape[1], device=x.device)[None], weights.shape.head_dim,
+                              weights.shape.rope_theta, x.dtype)
+    for i in range(layers):
+        x = decoder_layer(x, weights.layers[i % weights.num_layers], weights.shape, cos, sin)
+    return x
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    p.add_argument("--n", type=int, nargs="+", default=[576, 1152, 2880], help="image tokens")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="proxy layers K")
+    p.add_argument("--keep", type=float, default=0.111)
+    p.add_argument("--text", type=int, default=64, help="text tokens around the image")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layers-measured", type=int, default=None,
+                   help="time this many prefill layers and scale to the full depth")
+    p.add_argument("--out", default=None, help="results file name in benchmarks/results/")
+    args = p.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    depth = SHAPES[args.shape][4]
+    measured = args.layers_measured or depth
+    weights = random_weights(args.shape, max(max(args.k), min(measured, depth)), device, dtype)
+    hidden = SHAPES[args.shape][0]
+
+    rows = []
+    for n in args.n:
+        g = torch.Generator(device="cpu").manual_seed(n)
+        image = torch.randn(n, hidden, generator=g).to(device, dtype)
+        text = torch.randn(args.text, hidden, generator=g).to(device, dtype)
+        ctx = ImageContext(image, text[: args.text // 4], text[args.text // 4:])
+        k_keep = budget(n, args.keep)
+        full_x = torch.cat([ctx.prefix_embeds, image, ctx.suffix_embeds])[None]
+        pruned_x = torch.cat([ctx.prefix_embeds, image[:k_keep], ctx.suffix_embeds])[None]
+        progress(f"n={n}: full prefill ({measured} of {depth} layers)")
+        t_full = timed(lambda: prefill(weights, full_x, measured), device, args.repeats) * depth / measured
+        t_pruned = timed(lambda: prefill(weights, pruned_x, measured), device, args.repeats) * depth / measured
+        for k in args.k:
+            proxy = ProxyWeights(weights.shape, weights.layers[:k], weights.final_norm, weights.lm_head)
+            progress(f"n={n} K={k}: selection")
+            t_sel = timed(lambda: select_tokens(proxy, [ctx], [k_keep], PioFvlmSettings()), device, args.repeats)
+            rows.append((n, k, k_keep, t_full, t_pruned, t_sel))
+
+    scaled = "" if measured == depth else f" (each prefill: {measured} layers timed, scaled to {depth})"
+    lines = [f"Shape `{args.shape}` ({depth} layers, hidden {hidden}), {args.dtype} on {args.device}, "
+             f"{args.text} text tokens, keep {args.keep}; best of {args.repeats}{scaled}.", "",
+             "| image tokens n | K | kept | full prefill s | pruned prefill s | selection s | "
+             "selection / full | selection / pruned | (pruned + selection) speed-up |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n, k, kept, tf, tp, ts in rows:
+        lines.append(f"| {n} | {k} | {kept} | {tf:.3f} | {tp:.3f} | {ts:.3f} | {ts / tf:.1%} | "
+                     f"{ts / tp:.1%} | {tf / (tp + ts):.2f}x |")
+    body = "\n".join(lines)
+    print(body)
+    write_result(args.out or f"selection_cost_{args.shape}_{args.device}.md", "Selection cost vs prefill", body)
+
+
+if __name__ == "__main__":
+    main()

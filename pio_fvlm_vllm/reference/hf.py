@@ -1,0 +1,210 @@
+"""PIO-FVLM on Hugging Face `LlavaNextForConditionalGeneration`, as the paper applies it.
+
+`HFReference` prunes *inside* the LLM: every token runs through the first K decoder layers,
+the proxy loss at layer K scores the image tokens, NMS selects them, and only the kept tokens
+(at their original positions) continue through layers K+1..L. The serving plugin instead
+prunes before layer 0 so the KV allocation shrinks in every layer; `placement="input"` here
+reproduces that choice on the same model, so the two can be compared token for token.
+
+The selection itself is the engine-independent code in `pio_fvlm_vllm.algorithm`; only the
+weight extraction and the forward pass are Hugging Face specific.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..algorithm import DecoderLayerWeights, ImageContext, ProxyWeights, select_tokens
+from ..algorithm.visionzip import cls_attention, visionzip_compress
+from ..budget import budget
+from ..settings import PioFvlmSettings
+from ..vllm_ext.proxy_weights import decoder_shape
+
+Placement = Literal["layer_k", "input"]
+
+
+def proxy_weights_from_hf(model, num_layers: int) -> ProxyWeights:
+    """Views of the first `num_layers` decoder layers, the final norm and the LM head."""
+    lm = model.model.language_model
+    layers = []
+    for layer in lm.layers[:num_layers]:
+        attn, mlp = layer.self_attn, layer.mlp
+        layers.append(
+            DecoderLayerWeights(
+                input_norm=layer.input_layernorm.weight, q_proj=attn.q_proj.weight,
+                k_proj=attn.k_proj.weight, v_proj=attn.v_proj.weight, o_proj=attn.o_proj.weight,
+                post_norm=layer.post_attention_layernorm.weight, gate_proj=mlp.gate_proj.weight,
+                up_proj=mlp.up_proj.weight, down_proj=mlp.down_proj.weight,
+                q_bias=attn.q_proj.bias, k_bias=attn.k_proj.bias, v_bias=attn.v_proj.bias,
+            )
+        )
+    detached = ProxyWeights(
+        shape=decoder_shape(model.config.text_config),
+        layers=[DecoderLayerWeights(**{k: (v.detach() if v is not None else None) for k, v in vars(w).items()})
+                for w in layers],
+        final_norm=lm.norm.weight.detach(),
+        lm_head=model.lm_head.weight.detach(),
+    )
+    return detached
+
+
+@dataclass
+class PreparedPrompt:
+    input_ids: torch.Tensor  # (L,) with one run of image tokens per image
+    embeds: torch.Tensor  # (L, D) image features scattered in
+    image_spans: list[tuple[int, int]]  # [start, end) of each image's tokens
+    importance: list[torch.Tensor] | None  # per image (N,) CLS attention, when computed
+
+
+class HFReference:
+    def __init__(self, model, processor, settings: PioFvlmSettings | None = None):
+        self.model = model.eval()
+        self.processor = processor
+        self.settings = settings or PioFvlmSettings()
+        text_config = model.config.text_config
+        self.proxy_layers = self.settings.proxy_layer_for(text_config.num_hidden_layers)
+        self.proxy = proxy_weights_from_hf(model, self.proxy_layers)
+        self.image_token_id = model.config.image_token_id
+
+    # -- inputs -------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, prompt: str, images: list, *, with_importance: bool = False,
+                add_special_tokens: bool = True) -> PreparedPrompt:
+        """`add_special_tokens=False` for prompts rendered by a chat template, as vLLM does."""
+        inputs = self.processor(text=prompt, images=images, return_tensors="pt",
+                                add_special_tokens=add_special_tokens)
+        device = self.model.device
+        ids = inputs["input_ids"][0].to(device)
+        out = self.model.model.get_image_features(
+            inputs["pixel_values"].to(device, self.model.dtype), inputs["image_sizes"],
+            vision_feature_layer=self.model.config.vision_feature_layer,
+            vision_feature_select_strategy=self.model.config.vision_feature_select_strategy,
+        )
+        embeds = self.model.get_input_embeddings()(ids).clone()
+        spans, start = [], 0
+        mask = ids == self.image_token_id
+        for feats in out.pooler_output:
+            pos = mask.nonzero().squeeze(-1)[start : start + feats.shape[0]]
+            spans.append((int(pos[0]), int(pos[-1]) + 1))
+            embeds[pos] = feats.to(embeds.dtype)
+            start += feats.shape[0]
+        importance = self._importance(out, inputs["image_sizes"]) if with_importance else None
+        return PreparedPrompt(ids, embeds, spans, importance)
+
+    def _importance(self, vision_out, image_sizes) -> list[torch.Tensor]:
+        """CLS attention of the feature layer, packed into the LLM's token layout (newline
+        tokens score 0)."""
+        tower = self.model.model.vision_tower
+        tower = getattr(tower, "vision_model", tower)  # transformers < 5 nests the encoder
+        layer_idx = self.model.config.vision_feature_layer % len(vision_out.hidden_states)
+        layer = tower.encoder.layers[layer_idx - 1]
+        attn, _ = cls_attention(
+            vision_out.hidden_states[layer_idx - 1], layer.layer_norm1.weight, layer.layer_norm1.bias,
+            layer.self_attn.q_proj.weight, layer.self_attn.q_proj.bias, layer.self_attn.k_proj.weight,
+            layer.self_attn.k_proj.bias, layer.self_attn.num_heads, layer.layer_norm1.eps,
+        )
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        counts = [image_size_to_num_patches(s, self.model.config.image_grid_pinpoints,
+                                            self.model.config.vision_config.image_size) for s in image_sizes]
+        packed, _ = self.model.model.pack_image_features(
+            list(attn[..., None].split(counts)), image_sizes, "default",
+            image_newline=torch.zeros(1, dtype=attn.dtype, device=attn.device),
+        )
+        return [p.squeeze(-1) for p in packed]
+
+    # -- selection ----------------------------------------------------------------------
+    def select(self, prepared: PreparedPrompt, visual_keep: float,
+               budgets: list[int] | None = None) -> list[torch.Tensor]:
+        """Kept indices per image (ascending), from the layer-K proxy over the full prompt.
+        `budgets` overrides budget(N, visual_keep) per image (the encoder-involved stage 2)."""
+        ids, embeds = prepared.input_ids, prepared.embeds
+        contexts = []
+        for start, end in prepared.image_spans:
+            text = torch.ones_like(ids, dtype=torch.bool)
+            for s, e in prepared.image_spans:
+                text[s:e] = False
+            before = text.clone()
+            before[start:] = False
+            after = text.clone()
+            after[:end] = False
+            contexts.append(ImageContext(embeds[start:end], embeds[before], embeds[after]))
+        if budgets is None:
+            budgets = [budget(end - start, visual_keep) for start, end in prepared.image_spans]
+        return select_tokens(self.proxy, contexts, budgets, self.settings)
+
+    # -- forward ------------------------------------------------------------------------
+    @torch.no_grad()
+    def last_logits(self, prepared: PreparedPrompt, kept: list[torch.Tensor] | None,
+                    placement: Placement = "layer_k") -> torch.Tensor:
+        """Next-token logits after the prompt, image tokens pruned to `kept` (None: all)."""
+        lm = self.model.model.language_model
+        x = prepared.embeds[None]
+        positions = torch.arange(x.shape[1], device=x.device)[None]
+        keep_mask = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
+        if kept is not None:
+            for (start, end), idx in zip(prepared.image_spans, kept):
+                keep_mask[start:end] = False
+                keep_mask[start + idx.to(x.device)] = True
+        prune_at = 0 if placement == "input" else self.proxy_layers
+        for i, layer in enumerate(lm.layers):
+            if i == prune_at and kept is not None:
+                x, positions = x[:, keep_mask], positions[:, keep_mask]
+            rope = lm.rotary_emb(x, positions)
+            x = layer(x, attention_mask=None, position_ids=positions, position_embeddings=rope)
+            x = x[0] if isinstance(x, tuple) else x
+        h = lm.norm(x[:, -1])
+        return self.model.lm_head(h)[0]
+
+    @torch.no_grad()
+    def generate(self, prepared: PreparedPrompt, kept: list[torch.Tensor] | None, max_new_tokens: int = 8,
+                 placement: Placement = "layer_k") -> list[int]:
+        """Greedy decoding by re-running the pruned forward (no KV cache: a reference, not fast)."""
+        emb = self.model.get_input_embeddings()
+        out: list[int] = []
+        current = prepared
+        for _ in range(max_new_tokens):
+            token = int(self.last_logits(current, kept, placement).argmax())
+            out.append(token)
+            if token == self.model.config.text_config.eos_token_id:
+                break
+            tok = torch.tensor([token], device=current.embeds.device)
+            current = PreparedPrompt(torch.cat([current.input_ids, tok]),
+                                     torch.cat([current.embeds, emb(tok)]), current.image_spans,
+                                     current.importance)
+        return out
+
+    def visionzip_stage(self, prepared: PreparedPrompt, visual_keep: float) -> tuple[PreparedPrompt, list[int]]:
+        """Encoder-involved mode, stage 1: each image becomes [dominant tokens by CLS attention,
+        a few contextual tokens merged from the rest]. Returns the shortened prompt and each
+        image's final budget, computed from its original token count.
+
+        The keys used to group the remainder are the projected embeddings (what the LLM sees)
+        rather than the vision tower's attention keys: one feature space for both stages.
+        """
+        if prepared.importance is None:
+            raise ValueError("prepare(..., with_importance=True) is needed for the VisionZip stage")
+        ids, embeds = prepared.input_ids, prepared.embeds
+        pieces_ids, pieces_emb, spans, budgets = [], [], [], []
+        cursor = length = 0
+        for (start, end), importance in zip(prepared.image_spans, prepared.importance):
+            n = end - start
+            k = budget(n, visual_keep)
+            dominant = min(n, max(k, round(n * self.settings.visionzip_dominant)))
+            contextual = round(n * self.settings.visionzip_contextual)
+            zipped = visionzip_compress(embeds[start:end], importance.to(embeds.device), embeds[start:end],
+                                        dominant, contextual)
+            pieces_ids += [ids[cursor:start], ids[start:start + zipped.embeds.shape[0]].clone()]
+            pieces_emb += [embeds[cursor:start], zipped.embeds]
+            length += start - cursor
+            spans.append((length, length + zipped.embeds.shape[0]))
+            length += zipped.embeds.shape[0]
+            budgets.append(min(k, zipped.embeds.shape[0]))
+            cursor = end
+        pieces_ids.append(ids[cursor:])
+        pieces_emb.append(embeds[cursor:])
+        stage1 = PreparedPrompt(torch.cat(pieces_ids), torch.cat(pieces_emb), spans, None)
+        return stage1, budgets

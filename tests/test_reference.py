@@ -1,0 +1,64 @@
+"""The Hugging Face reference path against Hugging Face's own forward."""
+
+import pytest
+import torch
+
+from pio_fvlm_vllm.budget import budget
+from pio_fvlm_vllm.images import synthetic_image
+from pio_fvlm_vllm.settings import PioFvlmSettings
+
+PROMPT = "USER: <image>\nWhat is shown in this image? ASSISTANT:"
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from pio_fvlm_vllm.reference import HFReference
+
+    model = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32,
+                                                              attn_implementation="sdpa")
+    return HFReference(model, AutoProcessor.from_pretrained(tiny_checkpoint), PioFvlmSettings())
+
+
+@pytest.fixture(scope="module")
+def prepared(reference):
+    return reference.prepare(PROMPT, [synthetic_image(640, 480, seed=1)], with_importance=True)
+
+
+def test_unpruned_forward_matches_transformers(reference, prepared):
+    img = synthetic_image(640, 480, seed=1)
+    inputs = reference.processor(text=PROMPT, images=[img], return_tensors="pt")
+    with torch.no_grad():
+        expected = reference.model(**inputs).logits[0, -1]
+    torch.testing.assert_close(reference.last_logits(prepared, None), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_keeping_everything_is_the_unpruned_forward(reference, prepared):
+    everything = [torch.arange(e - s) for s, e in prepared.image_spans]
+    for placement in ("layer_k", "input"):
+        torch.testing.assert_close(reference.last_logits(prepared, everything, placement),
+                                   reference.last_logits(prepared, None))
+
+
+def test_selection_budget_and_placements_differ(reference, prepared):
+    (kept,) = reference.select(prepared, 0.111)
+    (start, end), = prepared.image_spans
+    assert kept.numel() == budget(end - start, 0.111)
+    inside = reference.last_logits(prepared, [kept], "layer_k")
+    before = reference.last_logits(prepared, [kept], "input")
+    assert not torch.allclose(inside, before)
+
+
+def test_encoder_involved_two_stages(reference, prepared):
+    (start, end), = prepared.image_spans
+    stage1, budgets = reference.visionzip_stage(prepared, 0.111)
+    (s1, e1), = stage1.image_spans
+    assert budgets == [budget(end - start, 0.111)]
+    assert budgets[0] <= e1 - s1 < end - start
+    (kept,) = reference.select(stage1, 0.111, budgets)
+    assert kept.numel() == budgets[0]
+    assert len(reference.generate(stage1, [kept], max_new_tokens=2, placement="input")) == 2
+    # CLS attention is a distribution over each crop's patches; newline tokens score 0.
+    importance = prepared.importance[0]
+    assert importance.shape == (end - start,) and (importance >= 0).all()
