@@ -157,3 +157,17 @@ def test_visionzip_dominant_and_contextual():
     rest = embeds[:15]
     assert out.embeds[5:].abs().sum() > 0
     assert torch.isfinite(out.embeds).all() and rest.shape[0] == 15
+
+
+def test_last_token_layer_equals_full_layer_at_last_positions(proxy):
+    from pio_fvlm_vllm.algorithm.decoder import decoder_layer_last
+    from pio_fvlm_vllm.algorithm.saliency import _pack
+
+    contexts = [_context(n=12, seed=1), _context(n=5, p=1, s=2, seed=2)]
+    x, lengths = _pack(contexts, torch.float64)
+    cos, sin = rotary_cos_sin(torch.arange(x.shape[1]).expand(2, -1), proxy.shape.head_dim,
+                              proxy.shape.rope_theta, x.dtype)
+    full = decoder_layer(x, proxy.layers[0], proxy.shape, cos, sin)
+    last = torch.tensor([n - 1 for n in lengths])
+    torch.testing.assert_close(decoder_layer_last(x, proxy.layers[0], proxy.shape, cos, sin, last),
+                               full[torch.arange(2), last])

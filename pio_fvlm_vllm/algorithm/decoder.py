@@ -46,12 +46,18 @@ class DecoderLayerWeights:
 
 @dataclass
 class ProxyWeights:
-    """What the proxy pass needs: the first K decoder layers and the output head."""
+    """What the proxy pass needs: the first K decoder layers and the output head.
+
+    Under tensor parallelism each rank holds its shard of every layer (its attention heads,
+    its slice of the MLP, as the engine shards them; `shape` counts this rank's heads) and the
+    whole LM head; `tp_group` is the process group the row-parallel outputs are summed over.
+    """
 
     shape: DecoderShape
     layers: list[DecoderLayerWeights]
     final_norm: torch.Tensor  # (D,)
     lm_head: torch.Tensor  # (V, D)
+    tp_group: object | None = None
 
     @property
     def num_layers(self) -> int:
@@ -120,22 +126,97 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+class _CopyToTensorParallel(torch.autograd.Function):
+    """Identity forward; the backward sums the column-parallel shards' input gradients."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _ReduceFromTensorParallel(torch.autograd.Function):
+    """Sums the row-parallel shards' partial outputs; the gradient passes through unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        torch.distributed.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return x if group is None else _CopyToTensorParallel.apply(x, group)
+
+
+def _reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
+    return x if group is None else _ReduceFromTensorParallel.apply(x, group)
+
+
 def decoder_layer(
     x: torch.Tensor,
     w: DecoderLayerWeights,
     shape: DecoderShape,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    tp_group=None,
 ) -> torch.Tensor:
-    """x: (B, L, D) -> (B, L, D); one pre-norm decoder layer."""
+    """x: (B, L, D) -> (B, L, D); one pre-norm decoder layer (this rank's shard under TP)."""
     bsz, seq, _ = x.shape
-    h = rms_norm(x, w.input_norm, shape.rms_norm_eps)
+    h = _copy_to_tp(rms_norm(x, w.input_norm, shape.rms_norm_eps), tp_group)
     q = F.linear(h, w.q_proj, w.q_bias).view(bsz, seq, shape.num_heads, shape.head_dim)
     k = F.linear(h, w.k_proj, w.k_bias).view(bsz, seq, shape.num_kv_heads, shape.head_dim)
     v = F.linear(h, w.v_proj, w.v_bias).view(bsz, seq, shape.num_kv_heads, shape.head_dim)
     q = apply_rotary(q.transpose(1, 2), cos, sin)
     k = apply_rotary(k.transpose(1, 2), cos, sin)
     attn = causal_attention(q, k, v.transpose(1, 2))  # (B, H, L, Dh)
-    x = x + F.linear(attn.transpose(1, 2).reshape(bsz, seq, -1), w.o_proj)
-    h = rms_norm(x, w.post_norm, shape.rms_norm_eps)
-    return x + F.linear(F.silu(F.linear(h, w.gate_proj)) * F.linear(h, w.up_proj), w.down_proj)
+    x = x + _reduce_from_tp(F.linear(attn.transpose(1, 2).reshape(bsz, seq, -1), w.o_proj), tp_group)
+    h = _copy_to_tp(rms_norm(x, w.post_norm, shape.rms_norm_eps), tp_group)
+    mlp = F.linear(F.silu(F.linear(h, w.gate_proj)) * F.linear(h, w.up_proj), w.down_proj)
+    return x + _reduce_from_tp(mlp, tp_group)
+
+
+def decoder_layer_last(
+    x: torch.Tensor,
+    w: DecoderLayerWeights,
+    shape: DecoderShape,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    last: torch.Tensor,
+    tp_group=None,
+) -> torch.Tensor:
+    """x: (B, L, D), last: (B,) -> (B, D): the layer's output at position `last[b]` only.
+
+    Exactly `decoder_layer(...)[b, last[b]]`, at a fraction of the cost: every position still
+    contributes its key and value, but only one query attends and one token runs the MLP.
+    This is all the proxy loss needs from the last proxy layer.
+    """
+    bsz, seq, _ = x.shape
+    rows = torch.arange(bsz, device=x.device)
+    h = _copy_to_tp(rms_norm(x, w.input_norm, shape.rms_norm_eps), tp_group)
+    h_last = h[rows, last][:, None]  # (B, 1, D)
+    q = F.linear(h_last, w.q_proj, w.q_bias).view(bsz, 1, shape.num_heads, shape.head_dim).transpose(1, 2)
+    k = F.linear(h, w.k_proj, w.k_bias).view(bsz, seq, shape.num_kv_heads, shape.head_dim).transpose(1, 2)
+    v = F.linear(h, w.v_proj, w.v_bias).view(bsz, seq, shape.num_kv_heads, shape.head_dim).transpose(1, 2)
+    q = apply_rotary(q, cos[rows, :, last][:, :, None], sin[rows, :, last][:, :, None])
+    k = apply_rotary(k, cos, sin)
+    if k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    visible = torch.arange(seq, device=x.device)[None, :] <= last[:, None]  # (B, L)
+    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])  # (B, H, 1, Dh)
+    out = x[rows, last] + _reduce_from_tp(F.linear(attn.reshape(bsz, -1), w.o_proj), tp_group)
+    h = _copy_to_tp(rms_norm(out, w.post_norm, shape.rms_norm_eps), tp_group)
+    mlp = F.linear(F.silu(F.linear(h, w.gate_proj)) * F.linear(h, w.up_proj), w.down_proj)
+    return out + _reduce_from_tp(mlp, tp_group)

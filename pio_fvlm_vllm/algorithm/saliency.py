@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .decoder import ProxyWeights, decoder_layer, rms_norm, rotary_cos_sin, upcast
+from .decoder import ProxyWeights, decoder_layer, decoder_layer_last, rms_norm, rotary_cos_sin, upcast
 
 
 @dataclass
@@ -105,13 +105,15 @@ def gradient_saliency(
         first_grad_layer = num_layers - backprop_layers
         with torch.no_grad():
             for w in weights.layers[:first_grad_layer]:
-                x = decoder_layer(x, w, shape, cos, sin)
+                x = decoder_layer(x, w, shape, cos, sin, weights.tp_group)
         x_in = x.detach().requires_grad_(True)
         x = x_in
-        for w in weights.layers[first_grad_layer:]:
-            x = decoder_layer(x, w, shape, cos, sin)
+        for w in weights.layers[first_grad_layer:-1]:
+            x = decoder_layer(x, w, shape, cos, sin, weights.tp_group)
+        # The loss reads the last prompt token of layer K only: that layer runs for it alone.
         last = torch.tensor([n - 1 for n in lengths], device=x.device)
-        loss = proxy_loss(x[torch.arange(bsz, device=x.device), last], weights, loss_kind)
+        last_states = decoder_layer_last(x, weights.layers[-1], shape, cos, sin, last, weights.tp_group)
+        loss = proxy_loss(last_states, weights, loss_kind)
         (grad,) = torch.autograd.grad(loss, x_in)
 
     n_max = max(c.num_image_tokens for c in contexts)

@@ -25,7 +25,6 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..algorithm import ImageContext, ProxyWeights, select_tokens
-from ..budget import budget
 from ..settings import PioFvlmSettings
 from .context import CONTEXT_FIELD, KEEP_ALL, PromptContext
 from .processor import PioFvlmLlavaNextProcessor
@@ -69,6 +68,11 @@ class PioFvlmLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         text_config = self.config.text_config
         self.pio_settings = PioFvlmSettings.from_env()
+        if self.pio_settings.mode != "encoder_free":
+            raise ValueError(
+                "PIO_FVLM_MODE=encoder_involved is available in the Hugging Face reference path "
+                "(pio_fvlm_vllm.reference) only; the vLLM plugin runs mode encoder_free"
+            )
         self.pio_proxy_layers = self.pio_settings.proxy_layer_for(text_config.num_hidden_layers)
         self.pio_tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.pio_proxy: ProxyWeights | None = None
@@ -77,20 +81,21 @@ class PioFvlmLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
     def snapshot_proxy_weights(self) -> None:
         from .proxy_weights import snapshot_proxy_weights
 
+        tp_group = None
         if self.pio_tp_size > 1:
-            logger.warning(
-                "PIO-FVLM selection is not available with tensor parallel size %d; "
-                "requests that prune fall back to uniform-stride selection", self.pio_tp_size
-            )
-            return
+            from vllm.distributed import get_tp_group
+
+            tp_group = get_tp_group().device_group
         # Accelerator parameters stay in place: views are enough there.
         copy = next(self.language_model.parameters()).device.type == "cpu"
         self.pio_proxy = snapshot_proxy_weights(
-            self.language_model, self.config.text_config, self.pio_proxy_layers, copy=copy
+            self.language_model, self.config.text_config, self.pio_proxy_layers, copy=copy,
+            tp_group=tp_group,
         )
         logger.info(
-            "PIO-FVLM proxy ready: decoder layers 1..%d (%s), settings %s",
-            self.pio_proxy_layers, "copied" if copy else "shared", self.pio_settings.model_dump(),
+            "PIO-FVLM proxy ready: decoder layers 1..%d (%s, tensor parallel %d), settings %s",
+            self.pio_proxy_layers, "copied" if copy else "shared", self.pio_tp_size,
+            self.pio_settings.model_dump(),
         )
 
     def embed_multimodal(self, **kwargs: object):
@@ -124,9 +129,12 @@ class PioFvlmLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
     ) -> tuple[list[torch.Tensor], bool]:
         """Kept indices per image, and whether the selection pass failed."""
         budgets = [c.num_keep for c in contexts]
-        fallback = [uniform_stride(img.shape[0], k, img.device) for img, k in zip(images, budgets)]
-        if self.pio_proxy is None:
-            return fallback, False
+
+        def fallback() -> list[torch.Tensor]:
+            return [uniform_stride(img.shape[0], k, img.device) for img, k in zip(images, budgets)]
+
+        if self.pio_proxy is None:  # weights were never loaded through vLLM's loader
+            return fallback(), True
         device = images[0].device
         image_contexts = [
             ImageContext(
@@ -142,7 +150,7 @@ class PioFvlmLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
             # A failed selection must not fail the batch: every other request in it would be
             # lost with it. The pruned requests still get their exact budget.
             logger.exception("PIO-FVLM selection failed; using uniform-stride selection")
-            return fallback, True
+            return fallback(), True
 
     def _embed_text(self, ids: list[int], device: torch.device) -> torch.Tensor:
         tokens = torch.tensor(ids, dtype=torch.long, device=device)

@@ -38,12 +38,26 @@ def _take(t: torch.Tensor, copy: bool) -> torch.Tensor:
     return t.clone() if copy else t
 
 
+def _gather_vocab(weight: torch.Tensor, vocab_size: int, group) -> torch.Tensor:
+    """The whole LM head from its vocabulary-parallel shards (padding rows dropped)."""
+    shards = [torch.empty_like(weight) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(shards, weight.contiguous(), group=group)
+    return torch.cat(shards)[:vocab_size]
+
+
 def snapshot_proxy_weights(
-    language_model: nn.Module, text_config, num_layers: int, *, copy: bool
+    language_model: nn.Module, text_config, num_layers: int, *, copy: bool, tp_group=None
 ) -> ProxyWeights:
     """The first `num_layers` decoder layers, the final norm and the LM head of a vLLM
-    LlamaForCausalLM-style module (`.model.layers`, `.model.norm`, `.lm_head`)."""
+    LlamaForCausalLM-style module (`.model.layers`, `.model.norm`, `.lm_head`).
+
+    Under tensor parallelism (`tp_group` given) the layers are this rank's shards, as the
+    engine holds them, and the LM head is gathered whole on every rank.
+    """
     shape = decoder_shape(text_config)
+    first_attn = language_model.model.layers[0].self_attn
+    shape = DecoderShape(shape.hidden_size, first_attn.num_heads, first_attn.num_kv_heads,
+                         first_attn.head_dim, shape.rms_norm_eps, shape.rope_theta)
     q_size = shape.num_heads * shape.head_dim
     kv_size = shape.num_kv_heads * shape.head_dim
     layers = []
@@ -67,9 +81,13 @@ def snapshot_proxy_weights(
                     q_bias=qb, k_bias=kb, v_bias=vb,
                 )
             )
+        lm_head = language_model.lm_head.weight
+        if tp_group is not None:
+            lm_head = _gather_vocab(lm_head, text_config.vocab_size, tp_group)
         return ProxyWeights(
             shape=shape,
             layers=layers,
             final_norm=_take(language_model.model.norm.weight, copy),
-            lm_head=_take(language_model.lm_head.weight, copy),
+            lm_head=_take(lm_head, copy),
+            tp_group=tp_group,
         )

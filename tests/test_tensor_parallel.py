@@ -1,0 +1,68 @@
+"""The proxy's backward through tensor-parallel shards, on 2 gloo processes."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pio_fvlm_vllm.algorithm import DecoderLayerWeights, DecoderShape, ProxyWeights, gradient_saliency
+
+from .conftest import random_proxy
+from .test_algorithm import _context
+
+WORLD = 2
+
+
+def shard(full: ProxyWeights, rank: int, world: int, group) -> ProxyWeights:
+    """Megatron-style shards, as vLLM cuts them: heads and MLP columns per rank, o/down rows."""
+    s = full.shape
+    hd, h_per, kv_per = s.head_dim, s.num_heads // world, s.num_kv_heads // world
+    inter_per = full.layers[0].gate_proj.shape[0] // world
+
+    def rows(t, per):
+        return t[rank * per:(rank + 1) * per]
+
+    def cols(t, per):
+        return t[:, rank * per:(rank + 1) * per]
+
+    layers = [DecoderLayerWeights(
+        input_norm=w.input_norm, post_norm=w.post_norm,
+        q_proj=rows(w.q_proj, h_per * hd), k_proj=rows(w.k_proj, kv_per * hd), v_proj=rows(w.v_proj, kv_per * hd),
+        o_proj=cols(w.o_proj, h_per * hd), gate_proj=rows(w.gate_proj, inter_per),
+        up_proj=rows(w.up_proj, inter_per), down_proj=cols(w.down_proj, inter_per)) for w in full.layers]
+    shape = DecoderShape(s.hidden_size, h_per, kv_per, hd, s.rms_norm_eps, s.rope_theta)
+    return ProxyWeights(shape, layers, full.final_norm, full.lm_head, tp_group=group)
+
+
+def _worker(rank, port, backprop_layers, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        proxy = shard(random_proxy(), rank, WORLD, dist.group.WORLD)
+        sal = gradient_saliency(proxy, [_context(seed=7), _context(n=9, seed=8)], backprop_layers=backprop_layers)
+        queue.put((rank, sal.scores))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backprop_layers", [1, 2])
+def test_sharded_saliency_equals_single_process(backprop_layers):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, port, backprop_layers, queue)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    expected = gradient_saliency(random_proxy(), [_context(seed=7), _context(n=9, seed=8)],
+                                 backprop_layers=backprop_layers).scores
+    for rank in range(WORLD):
+        torch.testing.assert_close(results[rank], expected, rtol=1e-9, atol=1e-12)
