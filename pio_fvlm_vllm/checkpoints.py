@@ -161,7 +161,7 @@ def hub_key(name: str) -> str:
     return name
 
 
-def build(preset_name: str, out: Path, *, seed: int = 0, dtype: str = "float32") -> Path:
+def build(preset_name: str, out: Path, *, seed: int = 0, dtype: str = "float32", weights: bool = True) -> Path:
     import torch
     from safetensors.torch import save_file
     from transformers import (GenerationConfig, LlavaNextForConditionalGeneration,
@@ -195,7 +195,7 @@ def build(preset_name: str, out: Path, *, seed: int = 0, dtype: str = "float32")
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(out)
     _log(f"config, processor and tokenizer written ({time.perf_counter() - start:.1f}s)")
 
-    if preset.write_weights:
+    if preset.write_weights and weights:
         torch.manual_seed(seed)
         model = LlavaNextForConditionalGeneration(config).to(getattr(torch, dtype))
         state = {hub_key(k): v.contiguous() for k, v in model.state_dict().items()}
@@ -216,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--no-weights", action="store_true",
+                        help="config, processor and tokenizer only (serve with --load-format dummy)")
     args = parser.parse_args(argv)
-    build(args.preset, args.out, seed=args.seed, dtype=args.dtype)
+    build(args.preset, args.out, seed=args.seed, dtype=args.dtype, weights=not args.no_weights)
     print(args.out)
     return 0
 
