@@ -16,8 +16,9 @@ def synthetic_image(width: int = 640, height: int = 480, seed: int = 0) -> Image
     img = Image.fromarray(pixels)
     draw = ImageDraw.Draw(img)
     for _ in range(4):
-        x0, y0 = int(rng.integers(0, width * 3 // 4)), int(rng.integers(0, height * 3 // 4))
-        size = int(rng.integers(min(width, height) // 10, min(width, height) // 4))
+        x0, y0 = int(rng.integers(0, width * 3 // 4 + 1)), int(rng.integers(0, height * 3 // 4 + 1))
+        short = min(width, height)
+        size = int(rng.integers(short // 10, short // 4 + 1))
         color = tuple(int(c) for c in rng.integers(0, 256, 3))
         draw.rectangle([x0, y0, x0 + size, y0 + size], fill=color)
     return img

@@ -10,6 +10,7 @@ only those tokens.
 from __future__ import annotations
 
 
+import os
 import time
 from collections.abc import Sequence
 
@@ -127,14 +128,15 @@ class PioFvlmLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
     def _kept_indices(
         self, images: list[torch.Tensor], contexts: list[PromptContext]
     ) -> tuple[list[torch.Tensor], bool]:
-        """Kept indices per image, and whether the selection pass failed."""
+        """Kept indices per image, and whether any image's selection failed.
+
+        A failure must not cost the other requests of the batch: the batch is retried one
+        image at a time, and only an image whose own selection fails falls back to uniform
+        stride (it still gets exactly its budget).
+        """
         budgets = [c.num_keep for c in contexts]
-
-        def fallback() -> list[torch.Tensor]:
-            return [uniform_stride(img.shape[0], k, img.device) for img, k in zip(images, budgets)]
-
         if self.pio_proxy is None:  # weights were never loaded through vLLM's loader
-            return fallback(), True
+            return [uniform_stride(img.shape[0], k, img.device) for img, k in zip(images, budgets)], True
         device = images[0].device
         image_contexts = [
             ImageContext(
@@ -145,16 +147,41 @@ class PioFvlmLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
             for img, c in zip(images, contexts)
         ]
         try:
-            return select_tokens(self.pio_proxy, image_contexts, budgets, self.pio_settings), False
+            return self._run_selection(image_contexts, budgets, contexts), False
         except Exception:
-            # A failed selection must not fail the batch: every other request in it would be
-            # lost with it. The pruned requests still get their exact budget.
-            logger.exception("PIO-FVLM selection failed; using uniform-stride selection")
-            return fallback(), True
+            if len(images) == 1:
+                logger.exception("PIO-FVLM selection failed; using uniform-stride selection")
+                return [uniform_stride(images[0].shape[0], budgets[0], device)], True
+            logger.warning("PIO-FVLM batched selection failed; retrying image by image")
+        kept, failed = [], False
+        for ctx, k, c in zip(image_contexts, budgets, contexts):
+            try:
+                kept += self._run_selection([ctx], [k], [c])
+            except Exception:
+                logger.exception("PIO-FVLM selection failed for one image; using uniform-stride selection")
+                kept.append(uniform_stride(ctx.num_image_tokens, k, device))
+                failed = True
+        return kept, failed
+
+    def _run_selection(self, image_contexts: list[ImageContext], budgets: list[int],
+                       contexts: list[PromptContext]) -> list[torch.Tensor]:
+        if _FAIL_ON_TOKENS and any(_contains(c.suffix_ids, _FAIL_ON_TOKENS) for c in contexts):
+            raise RuntimeError("injected selection failure (PIO_FVLM_TEST_FAIL_ON_TOKENS)")
+        return select_tokens(self.pio_proxy, image_contexts, budgets, self.pio_settings)
 
     def _embed_text(self, ids: list[int], device: torch.device) -> torch.Tensor:
         tokens = torch.tensor(ids, dtype=torch.long, device=device)
         return self.embed_input_ids(tokens)
+
+
+# Testing aid: selection raises for images whose following text contains this token-id
+# sequence, so fault handling can be exercised against a real server.
+_FAIL_ON_TOKENS = [int(t) for t in os.environ.get("PIO_FVLM_TEST_FAIL_ON_TOKENS", "").split(",") if t.strip()]
+
+
+def _contains(ids: list[int], pattern: list[int]) -> bool:
+    n = len(pattern)
+    return any(ids[i:i + n] == pattern for i in range(len(ids) - n + 1))
 
 
 def uniform_stride(num_tokens: int, num_keep: int, device: torch.device) -> torch.Tensor:

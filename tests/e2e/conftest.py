@@ -10,10 +10,24 @@ SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "4096", "--max-num-batch
                "--max-num-seqs", "8", "--seed", "0"]
 
 
+# Selection raises for images followed by this word (the server's testing hook), so fault
+# handling is exercised on the shared server; no other test sends it.
+FAULT_MARKER = "XQZJ"
+
+
 @pytest.fixture(scope="session")
-def server(tiny_checkpoint, tmp_path_factory):
+def fault_marker_ids(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    return tok(" " + FAULT_MARKER, add_special_tokens=False).input_ids
+
+
+@pytest.fixture(scope="session")
+def server(tiny_checkpoint, tmp_path_factory, fault_marker_ids):
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    with VllmServer(tiny_checkpoint, args=SERVER_ARGS, log_path=log) as srv:
+    env = {"PIO_FVLM_TEST_FAIL_ON_TOKENS": ",".join(map(str, fault_marker_ids))}
+    with VllmServer(tiny_checkpoint, args=SERVER_ARGS, log_path=log, env=env) as srv:
         yield srv
 
 
