@@ -63,7 +63,8 @@ class Preset:
     vocab_size: int  # text tokens, before <image>
     write_weights: bool = True
     description: str = ""
-    extra: dict = field(default_factory=dict)
+    image_size: int = 336  # the vision tower's tile; anyres grids are multiples of it
+    grid_pinpoints: list = field(default_factory=lambda: LLAVA_V16_GRID_PINPOINTS)
 
 
 PRESETS: dict[str, Preset] = {
@@ -97,7 +98,7 @@ def _log(msg: str) -> None:
     print(f"[checkpoints] {msg}", file=sys.stderr, flush=True)
 
 
-def build_tokenizer(vocab_size: int):
+def build_tokenizer(vocab_size: int, corpus: list[str] | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -109,7 +110,7 @@ def build_tokenizer(vocab_size: int):
         vocab_size=vocab_size, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator(corpus or [_CORPUS] * 4, trainer=trainer)
     # Pad the vocabulary to the requested size so ids are stable across tokenizers versions.
     missing = vocab_size - tok.get_vocab_size()
     if missing > 0:
@@ -131,7 +132,7 @@ def build_tokenizer(vocab_size: int):
 def build_config(preset: Preset, image_token_id: int):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
 
-    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_act="quick_gelu",
+    vision = CLIPVisionConfig(image_size=preset.image_size, patch_size=14, hidden_act="quick_gelu",
                               projection_dim=preset.vision.get("projection_dim", 64),
                               **{k: v for k, v in preset.vision.items() if k != "projection_dim"})
     # Round the embedding table up to a multiple of 64 past <image>, as llava-hf does.
@@ -141,7 +142,7 @@ def build_config(preset: Preset, image_token_id: int):
                        **preset.text)
     return LlavaNextConfig(
         vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=image_token_id,
-        image_grid_pinpoints=LLAVA_V16_GRID_PINPOINTS, vision_feature_layer=-2,
+        image_grid_pinpoints=preset.grid_pinpoints, vision_feature_layer=-2,
         vision_feature_select_strategy="default", projector_hidden_act="gelu",
         tie_word_embeddings=False,
     )
@@ -161,51 +162,66 @@ def hub_key(name: str) -> str:
     return name
 
 
+def make_processor(preset: Preset, tokenizer):
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    image_processor = LlavaNextImageProcessor(
+        image_grid_pinpoints=preset.grid_pinpoints, size={"shortest_edge": preset.image_size},
+        crop_size={"height": preset.image_size, "width": preset.image_size},
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
+    )
+
+
+def save_checkpoint(out: Path, config, processor, state_dict=None, note: str = "") -> None:
+    """Writes a directory in the llava-hf layout: config, generation config, processor,
+    tokenizer, and (when given) the weights under the published key names."""
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    processor.save_pretrained(out)
+    processor.image_processor.save_pretrained(out)  # preprocessor_config.json, as published checkpoints have
+    config.save_pretrained(out)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(out)
+    if state_dict is not None:
+        state = {hub_key(k): v.contiguous() for k, v in state_dict.items()}
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if note:
+        (out / "README.md").write_text(note)
+
+
+def preset_config(preset: Preset, tokenizer, dtype: str = "float32"):
+    config = build_config(preset, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    config.dtype = dtype
+    config.architectures = ["LlavaNextForConditionalGeneration"]
+    return config
+
+
 def build(preset_name: str, out: Path, *, seed: int = 0, dtype: str = "float32", weights: bool = True) -> Path:
     import torch
-    from safetensors.torch import save_file
-    from transformers import (GenerationConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessor, LlavaNextProcessor)
+    from transformers import LlavaNextForConditionalGeneration
 
     if preset_name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset_name!r}")
     preset = PRESETS[preset_name]
     start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
     _log(f"building {preset_name!r} ({preset.description}) in {out}")
-
     tokenizer = build_tokenizer(preset.vocab_size)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    config = build_config(preset, image_token_id)
-    config.dtype = dtype
-    config.architectures = ["LlavaNextForConditionalGeneration"]
-    image_processor = LlavaNextImageProcessor(
-        image_grid_pinpoints=LLAVA_V16_GRID_PINPOINTS, size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
-    )
-    processor.save_pretrained(out)
-    image_processor.save_pretrained(out)  # preprocessor_config.json, as published checkpoints have
-    config.save_pretrained(out)
-    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0).save_pretrained(out)
-    _log(f"config, processor and tokenizer written ({time.perf_counter() - start:.1f}s)")
-
+    config = preset_config(preset, tokenizer, dtype)
+    state = None
     if preset.write_weights and weights:
         torch.manual_seed(seed)
-        model = LlavaNextForConditionalGeneration(config).to(getattr(torch, dtype))
-        state = {hub_key(k): v.contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        n_params = sum(v.numel() for v in state.values())
-        _log(f"{n_params / 1e6:.1f}M random parameters written ({time.perf_counter() - start:.1f}s)")
-    (out / "README.md").write_text(
-        f"# {preset_name}\n\nBuilt by `python -m pio_fvlm_vllm.checkpoints {preset_name} DIR` "
-        f"(seed {seed}): {preset.description}.\n"
-    )
+        state = LlavaNextForConditionalGeneration(config).to(getattr(torch, dtype)).state_dict()
+        _log(f"{sum(v.numel() for v in state.values()) / 1e6:.1f}M random parameters")
+    save_checkpoint(out, config, make_processor(preset, tokenizer), state,
+                    f"# {preset_name}\n\nBuilt by `python -m pio_fvlm_vllm.checkpoints {preset_name} DIR` "
+                    f"(seed {seed}): {preset.description}.\n")
+    _log(f"written ({time.perf_counter() - start:.1f}s)")
     return out
 
 

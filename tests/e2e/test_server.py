@@ -81,11 +81,11 @@ def test_kv_cache_usage_shrinks_while_running(client, model_name, server):
         )
         samples = []
         for i, _ in enumerate(stream):
-            if i in (20, 60, 120):
+            if i % 10 == 5:
                 samples.append(metric(server.base_url, "vllm:kv_cache_usage_perc"))
         usage[keep] = max(samples)
-    assert usage[1.0] > 0 and usage[0.111] > 0
-    assert usage[0.111] < usage[1.0] / 3
+    assert usage[1.0] > 0 and usage[0.111] > 0, usage
+    assert usage[0.111] < usage[1.0] / 3, usage
 
 
 def test_multiple_images_in_one_prompt(client, model_name):
@@ -123,6 +123,7 @@ def test_concurrent_mixed_keeps_and_sizes_match_solo_runs(client, model_name):
 
 def test_prometheus_metrics_count_the_selection(client, model_name, server):
     before = metric(server.base_url, "pio_fvlm_image_tokens_kept_total") or 0.0
+    failures_before = metric(server.base_url, "pio_fvlm_selection_failures_total") or 0.0
     seen_before = metric(server.base_url, "pio_fvlm_image_tokens_seen_total") or 0.0
     _, kept, total = _counts(client, model_name, messages(seed=20), 0.1)
     after = metric(server.base_url, "pio_fvlm_image_tokens_kept_total")
@@ -130,7 +131,7 @@ def test_prometheus_metrics_count_the_selection(client, model_name, server):
     assert after - before == kept
     assert seen_after - seen_before == total
     assert metric(server.base_url, "pio_fvlm_selection_seconds_total") > 0
-    assert metric(server.base_url, "pio_fvlm_selection_failures_total") == 0
+    assert metric(server.base_url, "pio_fvlm_selection_failures_total") == failures_before
 
 
 def test_streaming_carries_the_header(server, model_name):

@@ -1,0 +1,117 @@
+"""A synthetic visual question-answering task whose answers depend on small image regions.
+
+Scenes hold one to four coloured shapes (about 20 px across) on a noisy canvas of one of
+several anyres aspect ratios. Four question types, one-word answers:
+
+- attribute: "what color is the circle ?"            -> red / green / blue / yellow
+- position:  "is the red square on the left or right ?" -> left / right
+- count:     "how many blue objects are there ?"      -> zero / one / two / three
+- presence:  "is there a green triangle ?"            -> yes / no
+
+Dropping the few tokens that cover the asked-about object changes the answer, so the task
+tells good token selection from bad.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+SHAPES = ["square", "circle", "triangle"]
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
+NUMBERS = ["zero", "one", "two", "three", "four"]
+# (width, height) of the canvases: the aspect ratios of the model's anyres grid.
+SIZES = [(224, 224), (224, 112), (112, 224), (336, 112), (112, 336), (200, 150), (150, 200)]
+KINDS = ["attribute", "position", "count", "presence"]
+ANSWERS = list(COLORS) + ["left", "right"] + NUMBERS + ["yes", "no"]
+VOCABULARY = sorted(set(
+    " ".join(["what color is the", "is the", "on the left or right", "how many objects are there",
+              "is there a", "?", *SHAPES, *COLORS, *NUMBERS, "yes no left right"]).split()))
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    color: str
+    x: int
+    y: int
+    r: int
+
+
+@dataclass(frozen=True)
+class Example:
+    image: Image.Image
+    question: str
+    answer: str
+    kind: str
+
+
+def _draw(draw: ImageDraw.ImageDraw, o: Obj) -> None:
+    fill = COLORS[o.color]
+    if o.shape == "square":
+        draw.rectangle([o.x - o.r, o.y - o.r, o.x + o.r, o.y + o.r], fill=fill)
+    elif o.shape == "circle":
+        draw.ellipse([o.x - o.r, o.y - o.r, o.x + o.r, o.y + o.r], fill=fill)
+    else:
+        draw.polygon([(o.x, o.y - o.r), (o.x - o.r, o.y + o.r), (o.x + o.r, o.y + o.r)], fill=fill)
+
+
+def scene(rng: random.Random, width: int, height: int, count: int) -> list[Obj]:
+    objs: list[Obj] = []
+    for _ in range(200):
+        if len(objs) == count:
+            break
+        r = rng.randint(9, 13)
+        x, y = rng.randint(r + 2, width - r - 3), rng.randint(r + 2, height - r - 3)
+        if all((x - o.x) ** 2 + (y - o.y) ** 2 > (r + o.r + 6) ** 2 for o in objs):
+            objs.append(Obj(rng.choice(SHAPES), rng.choice(list(COLORS)), x, y, r))
+    return objs
+
+
+def render(rng: random.Random, width: int, height: int, objs: list[Obj]) -> Image.Image:
+    base = tuple(rng.randint(90, 150) for _ in range(3))
+    img = Image.new("RGB", (width, height), base)
+    noise = Image.effect_noise((width, height), 18).convert("RGB")
+    img = Image.blend(img, noise, 0.25)
+    draw = ImageDraw.Draw(img)
+    for o in objs:
+        _draw(draw, o)
+    return img
+
+
+def make_example(seed: int) -> Example:
+    rng = random.Random(seed)
+    width, height = rng.choice(SIZES)
+    kind = KINDS[seed % len(KINDS)]
+    objs = scene(rng, width, height, rng.randint(1, 4))
+    if kind == "attribute":
+        unique = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+        if not unique:
+            return make_example(seed + 7919 * len(KINDS))
+        o = rng.choice(unique)
+        q, a = f"what color is the {o.shape} ?", o.color
+    elif kind == "position":
+        unique = [o for o in objs if sum((p.shape, p.color) == (o.shape, o.color) for p in objs) == 1
+                  and abs(o.x - width / 2) > 12]
+        if not unique:
+            return make_example(seed + 7919 * len(KINDS))
+        o = rng.choice(unique)
+        q, a = f"is the {o.color} {o.shape} on the left or right ?", "left" if o.x < width / 2 else "right"
+    elif kind == "count":
+        color = rng.choice(list(COLORS))
+        q, a = f"how many {color} objects are there ?", NUMBERS[sum(o.color == color for o in objs)]
+    else:
+        if rng.random() < 0.5:
+            o = rng.choice(objs)
+            shape, color = o.shape, o.color
+        else:
+            shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+        present = any((o.shape, o.color) == (shape, color) for o in objs)
+        q, a = f"is there a {color} {shape} ?", "yes" if present else "no"
+    return Example(render(rng, width, height, objs), q, a, kind)
+
+
+TRAIN_SEEDS = range(0, 10**7)
+TEST_SEEDS = range(10**8, 10**8 + 400)  # held out: never drawn by training
