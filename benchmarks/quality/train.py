@@ -35,6 +35,7 @@ QUALITY_PRESET = Preset(
 
 
 def prompt(question: str) -> str:
+    """What the checkpoint's chat template renders for one user turn with one image."""
     return f"USER: <image>\n{question} ASSISTANT:"
 
 
@@ -56,8 +57,9 @@ def answer_token_ids(tokenizer) -> dict[str, int]:
 
 
 def batch_inputs(processor, examples, device):
+    # As vLLM renders a chat: the template's text, no BOS added by the tokenizer.
     inputs = processor(text=[prompt(e.question) for e in examples], images=[e.image for e in examples],
-                       return_tensors="pt", padding=True)
+                       return_tensors="pt", padding=True, add_special_tokens=False)
     return {k: v.to(device) for k, v in inputs.items()}
 
 

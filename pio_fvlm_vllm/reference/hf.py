@@ -177,34 +177,48 @@ class HFReference:
                                      current.importance)
         return out
 
-    def visionzip_stage(self, prepared: PreparedPrompt, visual_keep: float) -> tuple[PreparedPrompt, list[int]]:
+    @staticmethod
+    def with_image_tokens(prepared: PreparedPrompt, images: list[torch.Tensor]) -> PreparedPrompt:
+        """The same prompt with each image's tokens replaced by `images[i]` (M_i, D)."""
+        ids, embeds = prepared.input_ids, prepared.embeds
+        pieces_ids, pieces_emb, spans = [], [], []
+        cursor = length = 0
+        for (start, end), tokens in zip(prepared.image_spans, images):
+            image_id = ids[start:start + 1]
+            pieces_ids += [ids[cursor:start], image_id.expand(tokens.shape[0])]
+            pieces_emb += [embeds[cursor:start], tokens.to(embeds.dtype)]
+            length += start - cursor
+            spans.append((length, length + tokens.shape[0]))
+            length += tokens.shape[0]
+            cursor = end
+        pieces_ids.append(ids[cursor:])
+        pieces_emb.append(embeds[cursor:])
+        return PreparedPrompt(torch.cat(pieces_ids), torch.cat(pieces_emb), spans, None)
+
+    def visionzip_stage(self, prepared: PreparedPrompt, visual_keep: float,
+                        num_contextual: list[int] | None = None) -> tuple[PreparedPrompt, list[int]]:
         """Encoder-involved mode, stage 1: each image becomes [dominant tokens by CLS attention,
         a few contextual tokens merged from the rest]. Returns the shortened prompt and each
-        image's final budget, computed from its original token count.
+        image's final budget, computed from its original token count. `num_contextual`
+        overrides the settings' share (VisionZip alone uses k - c dominant + c contextual).
 
         The keys used to group the remainder are the projected embeddings (what the LLM sees)
         rather than the vision tower's attention keys: one feature space for both stages.
         """
         if prepared.importance is None:
             raise ValueError("prepare(..., with_importance=True) is needed for the VisionZip stage")
-        ids, embeds = prepared.input_ids, prepared.embeds
-        pieces_ids, pieces_emb, spans, budgets = [], [], [], []
-        cursor = length = 0
-        for (start, end), importance in zip(prepared.image_spans, prepared.importance):
+        images, budgets = [], []
+        for i, ((start, end), importance) in enumerate(zip(prepared.image_spans, prepared.importance)):
             n = end - start
             k = budget(n, visual_keep)
-            dominant = min(n, max(k, round(n * self.settings.visionzip_dominant)))
-            contextual = round(n * self.settings.visionzip_contextual)
-            zipped = visionzip_compress(embeds[start:end], importance.to(embeds.device), embeds[start:end],
-                                        dominant, contextual)
-            pieces_ids += [ids[cursor:start], ids[start:start + zipped.embeds.shape[0]].clone()]
-            pieces_emb += [embeds[cursor:start], zipped.embeds]
-            length += start - cursor
-            spans.append((length, length + zipped.embeds.shape[0]))
-            length += zipped.embeds.shape[0]
+            if num_contextual is None:
+                contextual = round(n * self.settings.visionzip_contextual)
+                dominant = min(n, max(k, round(n * self.settings.visionzip_dominant)))
+            else:
+                contextual = min(num_contextual[i], k - 1)
+                dominant = k - contextual
+            zipped = visionzip_compress(prepared.embeds[start:end], importance.to(prepared.embeds.device),
+                                        prepared.embeds[start:end], dominant, contextual)
+            images.append(zipped.embeds)
             budgets.append(min(k, zipped.embeds.shape[0]))
-            cursor = end
-        pieces_ids.append(ids[cursor:])
-        pieces_emb.append(embeds[cursor:])
-        stage1 = PreparedPrompt(torch.cat(pieces_ids), torch.cat(pieces_emb), spans, None)
-        return stage1, budgets
+        return self.with_image_tokens(prepared, images), budgets
