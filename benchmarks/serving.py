@@ -19,13 +19,12 @@ import re
 import statistics
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pio_fvlm_vllm.images import image_message, synthetic_image
-from pio_fvlm_vllm.serving import VllmServer
+from pio_fvlm_vllm.serving import VllmServer, fetch_metrics, metric_value
 
 from .common import RESULTS, progress, write_result
 
@@ -34,14 +33,11 @@ QUESTIONS = ["What is shown in this image?", "Describe the objects and their col
              "How many squares are there?", "Where is the largest square?"]
 
 
-def scrape(base_url: str) -> str:
-    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
-        return r.read().decode()
+scrape = fetch_metrics
 
 
 def metric(text: str, name: str) -> float:
-    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
-    return sum(values)
+    return metric_value(text, name) or 0.0
 
 
 def kv_capacity_tokens(text: str) -> int | None:

@@ -15,7 +15,6 @@ meant for `vllm serve DIR --load-format dummy`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass, field

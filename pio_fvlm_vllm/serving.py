@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -13,6 +14,18 @@ import urllib.request
 from pathlib import Path
 
 CPU_DEFAULT_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2"}
+
+
+def fetch_metrics(base_url: str) -> str:
+    """The Prometheus text a server's /metrics serves."""
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
+        return r.read().decode()
+
+
+def metric_value(text: str, name: str) -> float | None:
+    """Sum of a metric's samples over all label sets; None when the server does not export it."""
+    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
+    return sum(values) if values else None
 
 
 def free_port() -> int:

@@ -10,7 +10,6 @@ from pio_fvlm_vllm.algorithm.decoder import decoder_layer, rotary_cos_sin
 from pio_fvlm_vllm.algorithm.saliency import proxy_loss
 from pio_fvlm_vllm.settings import PioFvlmSettings
 
-from .conftest import random_proxy
 
 
 def _context(n=12, p=3, s=5, dim=32, seed=1, dtype=torch.float64):

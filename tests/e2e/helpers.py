@@ -1,7 +1,10 @@
+import json
 import re
+import urllib.error
 import urllib.request
 
 from pio_fvlm_vllm.images import image_message, synthetic_image
+from pio_fvlm_vllm.serving import fetch_metrics, metric_value
 
 QUESTION_A = "What is shown in this image?"
 QUESTION_B = "How many squares are there, and which one is red?"
@@ -21,10 +24,7 @@ def token_logprobs(reply):
 
 
 def metric(base_url, name):
-    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)]
-    return sum(values) if values else None
+    return metric_value(fetch_metrics(base_url), name)
 
 
 def messages(question=QUESTION_A, size=(640, 480), seed=0, count=1):
@@ -32,7 +32,23 @@ def messages(question=QUESTION_A, size=(640, 480), seed=0, count=1):
 
 
 def block_size(base_url):
-    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
+    text = fetch_metrics(base_url)
     match = re.search(r'^vllm:cache_config_info{[^}]*block_size="(\d+)"', text, re.M)
     return int(match.group(1))
+
+
+def post_chat(server, body, timeout=300):
+    """POST a chat body (dict, or raw JSON text) without a client library: (status, payload, headers)."""
+    data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+    req = urllib.request.Request(server.base_url + "/v1/chat/completions", data=data,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read()), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            payload = json.loads(raw or b"{}")
+        except ValueError:
+            payload = {"raw": raw.decode(errors="replace")}
+        return e.code, payload, dict(e.headers)

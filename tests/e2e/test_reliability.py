@@ -7,37 +7,19 @@ import json
 import socket
 import threading
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pio_fvlm_vllm.budget import budget
 from pio_fvlm_vllm.images import data_url, synthetic_image
 
 from .conftest import FAULT_MARKER
-from .helpers import chat, messages, metric, token_logprobs
+from .helpers import chat, messages, metric, post_chat, token_logprobs
 
 HEADER = "x-pio-fvlm-image-tokens"
-
-
-def post(server, body: dict, timeout=300):
-    req = urllib.request.Request(server.base_url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read()), dict(r.headers)
-    except urllib.error.HTTPError as e:
-        raw = e.read()
-        try:
-            payload = json.loads(raw or b"{}")
-        except ValueError:
-            payload = {"raw": raw.decode(errors="replace")}
-        return e.code, payload, dict(e.headers)
 
 
 def _png_bytes(w, h, seed=0):
@@ -83,7 +65,7 @@ def test_fuzzed_requests_get_a_clean_answer_or_4xx(server, model_name, keep, ima
     body = {"model": model_name, "messages": [{"role": "user", "content": content}], "max_tokens": 2}
     if keep is not None or image_kinds:
         body["visual_keep"] = keep
-    status, payload, headers = post(server, body)
+    status, payload, headers = post_chat(server, body)
     assert status < 500, payload
     if not _valid(keep):
         assert status == 400 and "visual_keep" in json.dumps(payload)

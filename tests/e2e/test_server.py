@@ -1,16 +1,14 @@
 """The plugin in a real `vllm serve` process, through the OpenAI client on loopback."""
 
 import json
-import math
 import threading
-import urllib.error
 import urllib.request
 
 import pytest
 
 from pio_fvlm_vllm.budget import budget
 
-from .helpers import QUESTION_A, QUESTION_B, chat, messages, metric
+from .helpers import chat, messages, metric, post_chat
 
 HEADER = "x-pio-fvlm-image-tokens"
 
@@ -41,22 +39,12 @@ def test_vllm_xargs_and_top_level_agree(client, model_name):
         chat(client, model_name, msgs, 0.2, extra={"vllm_xargs": {"visual_keep": 0.3}})
 
 
-def _post(server, body):
-    req = urllib.request.Request(server.base_url + "/v1/chat/completions", data=body.encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
 @pytest.mark.parametrize("bad", ["0", "-0.5", "1.5", "1e9", "NaN", "Infinity", '"0.5"', "[0.5]", "true",
                                  "false", '{"v": 1}'])
 def test_invalid_visual_keep_is_a_400_naming_the_field(server, model_name, bad):
     body = json.dumps({"model": model_name, "messages": messages(seed=3), "max_tokens": 2})
     body = body[:-1] + f', "visual_keep": {bad}}}'
-    status, payload = _post(server, body)
+    status, payload, _ = post_chat(server, body)
     assert status == 400, payload
     text = json.dumps(payload)
     assert "visual_keep" in text and "(0, 1]" in text
