@@ -60,20 +60,29 @@ def test_server_keeps_serving_after_bad_requests(client, model_name, server):
 
 
 def test_kv_cache_usage_shrinks_while_running(client, model_name, server):
-    """Read the engine's own KV-cache usage while a long request is decoding."""
-    usage = {}
+    """The engine's own KV-cache usage, polled while prefill-only requests run (max_tokens=1,
+    so the peak is the prompt's blocks). The pruned prompt prefills in one short step and may
+    slip between polls; the full one takes several chunked steps and may not."""
+    peak = {}
     for keep in (1.0, 0.111):
-        stream = client.chat.completions.create(
-            model=model_name, messages=messages(seed=5, size=(1008, 336)), max_tokens=400, temperature=0.0,
-            stream=True, extra_body={"visual_keep": keep, "ignore_eos": True},
-        )
-        samples = []
-        for i, _ in enumerate(stream):
-            if i % 10 == 5:
-                samples.append(metric(server.base_url, "vllm:kv_cache_usage_perc"))
-        usage[keep] = max(samples)
-    assert usage[1.0] > 0 and usage[0.111] > 0, usage
-    assert usage[0.111] < usage[1.0] / 3, usage
+        samples, done = [], threading.Event()
+
+        def poll():
+            while not done.is_set():
+                samples.append(metric(server.base_url, "vllm:kv_cache_usage_perc") or 0.0)
+                done.wait(0.01)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        try:
+            for i in range(3):
+                chat(client, model_name, messages(seed=500 + i, size=(1008, 336)), keep, max_tokens=1)
+        finally:
+            done.set()
+            poller.join()
+        peak[keep] = max(samples)
+    assert peak[1.0] > 0, peak
+    assert peak[0.111] < peak[1.0] / 3, peak
 
 
 def test_multiple_images_in_one_prompt(client, model_name):
