@@ -84,10 +84,15 @@ class PioFvlmSettings(BaseModel):
         return validate_visual_keep(value)
 
     def proxy_layer_for(self, num_hidden_layers: int) -> int:
+        """K for a model of this depth; also checks that backprop_layers fits within K."""
         k = self.proxy_layer or default_proxy_layer(num_hidden_layers)
         if k > num_hidden_layers:
             raise ValueError(
                 f"proxy_layer must be in [1, {num_hidden_layers}] for this model, got {k}"
+            )
+        if self.backprop_layers > k:
+            raise ValueError(
+                f"backprop_layers must be in [1, {k}] (the proxy layer K), got {self.backprop_layers}"
             )
         return k
 

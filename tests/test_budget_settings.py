@@ -57,3 +57,5 @@ def test_proxy_layer_defaults():
     assert 1 <= default_proxy_layer(4) <= 4
     with pytest.raises(ValueError, match="proxy_layer must be in"):
         PioFvlmSettings(proxy_layer=9).proxy_layer_for(4)
+    with pytest.raises(ValueError, match=r"backprop_layers must be in \[1, 2\]"):
+        PioFvlmSettings(proxy_layer=2, backprop_layers=3).proxy_layer_for(32)

@@ -36,7 +36,7 @@ def select_tokens(
         sal = gradient_saliency(
             weights,
             [contexts[i] for i in todo],
-            backprop_layers=min(settings.backprop_layers, weights.num_layers),
+            backprop_layers=settings.backprop_layers,
             loss_kind=settings.proxy_loss,
             reduction=settings.saliency,
         )

@@ -29,26 +29,22 @@ Placement = Literal["layer_k", "input"]
 def proxy_weights_from_hf(model, num_layers: int) -> ProxyWeights:
     """Views of the first `num_layers` decoder layers, the final norm and the LM head."""
     lm = model.model.language_model
-    layers = []
-    for layer in lm.layers[:num_layers]:
-        attn, mlp = layer.self_attn, layer.mlp
-        layers.append(
-            DecoderLayerWeights(
-                input_norm=layer.input_layernorm.weight, q_proj=attn.q_proj.weight,
-                k_proj=attn.k_proj.weight, v_proj=attn.v_proj.weight, o_proj=attn.o_proj.weight,
-                post_norm=layer.post_attention_layernorm.weight, gate_proj=mlp.gate_proj.weight,
-                up_proj=mlp.up_proj.weight, down_proj=mlp.down_proj.weight,
-                q_bias=attn.q_proj.bias, k_bias=attn.k_proj.bias, v_bias=attn.v_proj.bias,
-            )
+
+    def w(t):
+        return None if t is None else t.detach()
+
+    layers = [
+        DecoderLayerWeights(
+            input_norm=w(layer.input_layernorm.weight), q_proj=w(layer.self_attn.q_proj.weight),
+            k_proj=w(layer.self_attn.k_proj.weight), v_proj=w(layer.self_attn.v_proj.weight),
+            o_proj=w(layer.self_attn.o_proj.weight), post_norm=w(layer.post_attention_layernorm.weight),
+            gate_proj=w(layer.mlp.gate_proj.weight), up_proj=w(layer.mlp.up_proj.weight),
+            down_proj=w(layer.mlp.down_proj.weight), q_bias=w(layer.self_attn.q_proj.bias),
+            k_bias=w(layer.self_attn.k_proj.bias), v_bias=w(layer.self_attn.v_proj.bias),
         )
-    detached = ProxyWeights(
-        shape=decoder_shape(model.config.text_config),
-        layers=[DecoderLayerWeights(**{k: (v.detach() if v is not None else None) for k, v in vars(w).items()})
-                for w in layers],
-        final_norm=lm.norm.weight.detach(),
-        lm_head=model.lm_head.weight.detach(),
-    )
-    return detached
+        for layer in lm.layers[:num_layers]
+    ]
+    return ProxyWeights(decoder_shape(model.config.text_config), layers, w(lm.norm.weight), w(model.lm_head.weight))
 
 
 @dataclass

@@ -18,6 +18,7 @@ from vllm.exceptions import VLLMValidationError
 from ..budget import VISUAL_KEEP_FIELD, validate_visual_keep
 from .observability import note_rendered
 
+
 def _validated(value: Any, where: str) -> float:
     try:
         return validate_visual_keep(value, field=where)

@@ -2,6 +2,8 @@
 
 import pytest
 
+from pio_fvlm_vllm.budget import budget
+
 from pio_fvlm_vllm.serving import VllmServer
 
 from .conftest import SERVER_ARGS
@@ -57,12 +59,19 @@ def test_identical_requests_still_hit_the_caches(client, model_name, server):
     _assert_same_generation(first, again, tol=1e-3)
 
 
-def test_same_image_twice_in_one_prompt_is_selected_per_position(client, model_name):
+def test_same_image_twice_in_one_prompt_is_selected_per_position(client, model_name, server):
+    """Identical pixels at two places in a prompt are two selections (the text around each
+    differs), not one encoder-cache entry shared by both."""
     from pio_fvlm_vllm.images import image_message, synthetic_image
 
     img = synthetic_image(640, 480, seed=42)
-    reply = chat(client, model_name, image_message(QUESTION_A, img, img), KEEP, max_tokens=2)
-    assert reply.usage.prompt_tokens > 0
+    images_before = metric(server.base_url, "pio_fvlm_images_pruned_total") or 0.0
+    raw = client.chat.completions.with_raw_response.create(
+        model=model_name, messages=image_message(QUESTION_A, img, img), max_tokens=2, temperature=0.0,
+        extra_body={"visual_keep": KEEP})
+    kept, total = map(int, raw.headers["x-pio-fvlm-image-tokens"].split("/"))
+    assert kept == 2 * budget(total // 2, KEEP)
+    assert metric(server.base_url, "pio_fvlm_images_pruned_total") - images_before == 2
 
 
 @pytest.fixture(scope="module")
