@@ -10,7 +10,8 @@ Hugging Face reference forward (`pio_fvlm_vllm.reference`):
 - pio_fvlm (layer K): the paper's placement: all tokens up to layer K, the kept ones after;
 - pio_fvlm + visionzip: encoder-involved: VisionZip stage, then the gradient stage;
 - random, uniform stride, visionzip (CLS attention: k-c dominant + c merged contextual
-  tokens), pooled (the image's token sequence average-pooled down to k tokens).
+  tokens), downsampled (each image's feature grid area-pooled in 2-D to k tokens: the
+  image at a lower resolution, as the vision tower's tiles are fixed in size).
 
 Also measured: agreement of the top-1 answer with the full-token model and the mean KL
 divergence KL(full || pruned) of the first answer token. With `--server`, PIO-FVLM is also
@@ -41,8 +42,54 @@ def _uniform(n, k):
     return torch.linspace(0, n - 1, k).round().long() if k > 1 else torch.tensor([n // 2])
 
 
-def _pool(tokens: torch.Tensor, k: int) -> torch.Tensor:
-    return F.adaptive_avg_pool1d(tokens.T[None].float(), k)[0].T.to(tokens.dtype)
+def token_layout(config, image_hw: tuple[int, int]) -> torch.Tensor:
+    """(N, 3) per image token of the packed LLaVA-NeXT layout: (view, row, col); view 0 = the
+    base (downscaled) image, 1 = the high-resolution grid, -1 = a newline token."""
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape, image_size_to_num_patches, unpad_image)
+
+    tile, side = config.vision_config.image_size, config.vision_config.image_size // config.vision_config.patch_size
+    tiles_h, tiles_w = get_anyres_image_grid_shape(list(image_hw), config.image_grid_pinpoints, tile)
+    assert image_size_to_num_patches(list(image_hw), config.image_grid_pinpoints, tile) == 1 + tiles_h * tiles_w
+    rows = torch.arange(tiles_h * side)[:, None].expand(-1, tiles_w * side)
+    cols = torch.arange(tiles_w * side)[None].expand(tiles_h * side, -1)
+    grid = torch.stack([torch.ones_like(rows), rows, cols]).float()  # (3, H, W)
+    grid = unpad_image(grid, torch.tensor(image_hw))
+    grid = torch.cat([grid, torch.full((3, grid.shape[1], 1), -1.0)], dim=-1)  # newline per row
+    r, c = torch.arange(side).repeat_interleave(side), torch.arange(side).repeat(side)
+    base = torch.stack([torch.zeros_like(r), r, c], -1).float()
+    return torch.cat([base, grid.flatten(1).T]).long()
+
+
+def area_pool(grid: torch.Tensor, k: int) -> torch.Tensor:
+    """(R, C, D) feature grid -> (k, D): row bands, each averaged and pooled along columns, with
+    the k tokens spread over the bands so the result keeps the grid's aspect ratio."""
+    rows, cols = grid.shape[:2]
+    bands = min(rows, k, max(round((k * rows / cols) ** 0.5), -(-k // cols), 1))
+    edges = torch.linspace(0, rows, bands + 1).round().long().tolist()
+    out = []
+    for i in range(bands):
+        band = grid[edges[i]:edges[i + 1]].float().mean(0)  # (C, D)
+        width = k // bands + (i < k % bands)
+        out.append(F.adaptive_avg_pool1d(band.T[None], width)[0].T)
+    return torch.cat(out).to(grid.dtype)
+
+
+def downsample(tokens: torch.Tensor, layout: torch.Tensor, k: int) -> torch.Tensor:
+    """The image at a lower resolution, in feature space: the base view and the high-resolution
+    grid each area-pooled in 2-D, sharing the k tokens in proportion to their sizes."""
+    views = [layout[:, 0] == v for v in (0, 1)]
+    sizes = [int(m.sum()) for m in views]
+    k_base = min(sizes[0], round(k * sizes[0] / sum(sizes)))
+    k_grid = min(sizes[1], k - k_base)
+    k_base = k - k_grid
+    out = []
+    for m, kv in zip(views, (k_base, k_grid)):
+        if kv:
+            rows, cols = layout[m, 1], layout[m, 2]
+            shape = (int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1)
+            out.append(area_pool(tokens[m].reshape(*shape, -1), kv))
+    return torch.cat(out)
 
 
 class Methods:
@@ -78,8 +125,9 @@ class Methods:
         stage1, _ = self.ref.visionzip_stage(p, keep, num_contextual=contextual)
         return self.ref.last_logits(stage1, None)
 
-    def pooled(self, p, keep):
-        images = [_pool(p.embeds[s:e], budget(e - s, keep)) for s, e in p.image_spans]
+    def downsampled(self, p, keep):
+        images = [downsample(p.embeds[s:e], token_layout(self.ref.model.config, hw), budget(e - s, keep))
+                  for (s, e), hw in zip(p.image_spans, p.image_sizes)]
         return self.ref.last_logits(self.ref.with_image_tokens(p, images), None)
 
 
@@ -90,7 +138,7 @@ METHODS = {
     "random": "random",
     "uniform stride": "uniform",
     "visionzip (CLS attention)": "visionzip",
-    "pooled": "pooled",
+    "downsampled (2-D pooling)": "downsampled",
 }
 
 
@@ -98,13 +146,13 @@ def answer_ids(tokenizer):
     return {w: tokenizer(" " + w, add_special_tokens=False).input_ids[0] for w in ANSWERS}
 
 
-def evaluate_hf(checkpoint: Path, scenes: list[int], keeps: list[float]) -> dict:
+def evaluate_hf(checkpoint: Path, scenes: list[int], keeps: list[float], settings: PioFvlmSettings) -> dict:
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     model = LlavaNextForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32,
                                                               attn_implementation="sdpa")
     processor = AutoProcessor.from_pretrained(checkpoint)
-    ref = HFReference(model, processor, PioFvlmSettings())
+    ref = HFReference(model, processor, settings)
     methods = Methods(ref)
     ids = answer_ids(processor.tokenizer)
     stats = {name: {k: {"correct": 0, "agree": 0, "kl": 0.0, "n": 0} for k in keeps} for name in METHODS}
@@ -130,24 +178,32 @@ def evaluate_hf(checkpoint: Path, scenes: list[int], keeps: list[float]) -> dict
     return {"full_accuracy": full_correct / len(scenes), "methods": stats}
 
 
-def evaluate_server(checkpoint: Path, scenes: list[int], keeps: list[float]) -> dict:
+def evaluate_server(checkpoint: Path, scenes: list[int], keeps: list[float], settings: PioFvlmSettings,
+                    concurrency: int = 8) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
     from openai import OpenAI
 
     from pio_fvlm_vllm.images import data_url
     from pio_fvlm_vllm.serving import VllmServer
 
     out = {k: {"correct": 0, "agree": 0, "n": 0} for k in keeps}
-    with VllmServer(checkpoint, args=["--dtype", "float32", "--max-model-len", "2048"]) as server:
+    env = {"PIO_FVLM_PROXY_LAYER": str(settings.proxy_layer)} if settings.proxy_layer else {}
+    with VllmServer(checkpoint, args=["--dtype", "float32", "--max-model-len", "2048"], env=env) as server, \
+            ThreadPoolExecutor(concurrency) as pool:
         client = OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
-        for i, seed in enumerate(scenes):
-            ex = make_example(seed)
+
+        def answer(ex, keep):
             msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(ex.image)}},
                                                  {"type": "text", "text": ex.question}]}]
-            answers = {}
-            for keep in keeps:
-                reply = client.chat.completions.create(model=str(checkpoint), messages=msgs, max_tokens=1,
-                                                       temperature=0.0, extra_body={"visual_keep": keep})
-                answers[keep] = (reply.choices[0].message.content or "").strip()
+            reply = client.chat.completions.create(model=str(checkpoint), messages=msgs, max_tokens=1,
+                                                   temperature=0.0, extra_body={"visual_keep": keep})
+            return (reply.choices[0].message.content or "").strip()
+
+        examples = [make_example(seed) for seed in scenes]
+        futures = [{keep: pool.submit(answer, ex, keep) for keep in keeps} for ex in examples]
+        for i, (ex, per_keep) in enumerate(zip(examples, futures)):
+            answers = {keep: f.result() for keep, f in per_keep.items()}
             for keep in keeps:
                 out[keep]["correct"] += answers[keep] == ex.answer
                 out[keep]["agree"] += answers[keep] == answers[1.0]
@@ -200,13 +256,16 @@ def main(argv=None):
     p.add_argument("--keeps", type=float, nargs="+", default=KEEPS)
     p.add_argument("--server", action="store_true", help="also run PIO-FVLM through vllm serve")
     p.add_argument("--name", default="quality")
+    p.add_argument("--proxy-layer", type=int, default=2,
+                   help="K for PIO-FVLM; the checkpoint grounds the question in decoder layer 2 of 4")
     args = p.parse_args(argv)
     if 1.0 not in args.keeps:
         args.keeps = [1.0, *args.keeps]
     scenes = list(TEST_SEEDS)[: args.scenes]
     torch.manual_seed(0)
-    hf = evaluate_hf(args.checkpoint, scenes, args.keeps)
-    server = evaluate_server(args.checkpoint, scenes, args.keeps) if args.server else None
+    settings = PioFvlmSettings(proxy_layer=args.proxy_layer)
+    hf = evaluate_hf(args.checkpoint, scenes, args.keeps, settings)
+    server = evaluate_server(args.checkpoint, scenes, args.keeps, settings) if args.server else None
     body = report(hf, server, args.keeps, len(scenes), args.checkpoint)
     print(body)
     write_result(f"{args.name}.md", "Quality: accuracy vs keep ratio", body + f"\n\n![quality]({args.name}.png)\n")

@@ -46,10 +46,12 @@ class Example:
     question: str
     answer: str
     kind: str
+    objects: tuple[Obj, ...] = ()
 
 
-def _draw(draw: ImageDraw.ImageDraw, o: Obj) -> None:
-    fill = COLORS[o.color]
+
+
+def _draw(draw: ImageDraw.ImageDraw, o: Obj, fill: tuple[int, int, int]) -> None:
     if o.shape == "square":
         draw.rectangle([o.x - o.r, o.y - o.r, o.x + o.r, o.y + o.r], fill=fill)
     elif o.shape == "circle":
@@ -77,7 +79,16 @@ def render(rng: random.Random, width: int, height: int, objs: list[Obj]) -> Imag
     img = Image.blend(img, noise, 0.25)
     draw = ImageDraw.Draw(img)
     for o in objs:
-        _draw(draw, o)
+        _draw(draw, o, COLORS[o.color])
+    return img
+
+
+def label_image(width: int, height: int, objs: tuple[Obj, ...]) -> Image.Image:
+    """The scene's objects as class indices: red = colour + 1, green = shape + 1, 0 = background."""
+    img = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    for o in objs:
+        _draw(draw, o, (list(COLORS).index(o.color) + 1, SHAPES.index(o.shape) + 1, 0))
     return img
 
 
@@ -110,7 +121,7 @@ def make_example(seed: int) -> Example:
             shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
         present = any((o.shape, o.color) == (shape, color) for o in objs)
         q, a = f"is there a {color} {shape} ?", "yes" if present else "no"
-    return Example(render(rng, width, height, objs), q, a, kind)
+    return Example(render(rng, width, height, objs), q, a, kind, tuple(objs))
 
 
 TRAIN_SEEDS = range(0, 10**7)

@@ -6,7 +6,12 @@ Seeded and deterministic for a given machine; minutes on 2 CPU cores, faster on 
 architecture is LLaVA-NeXT's (CLIP tower, 2-layer GELU projector, anyres tiles with
 unpadding and newline tokens, Llama decoder), scaled down: 112-pixel tiles of 14-pixel
 patches (64 tokens a tile), a 4-layer CLIP of width 96 and a 4-layer Llama of width 128.
-Only the answer token is supervised.
+The answer token is supervised with cross-entropy. While training, a linear head on the
+projector output also predicts, for every 14-pixel patch of every tile, the colour and shape
+of the object under it (dense targets rendered from the scene, run through the processor's
+own resizing and tiling). That teaches the vision tower to see objects in a few hundred
+steps, so the decoder can learn to ask about them; without it the model sits at chance for
+thousands of steps. The head is dropped when the checkpoint is written.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from pio_fvlm_vllm.checkpoints import Preset, build_tokenizer, make_processor, preset_config, save_checkpoint
 
 from ..common import progress
-from .task import ANSWERS, KINDS, TEST_SEEDS, VOCABULARY, make_example
+from .task import ANSWERS, COLORS, KINDS, SHAPES, TEST_SEEDS, VOCABULARY, label_image, make_example
 
 QUALITY_PRESET = Preset(
     vision=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4),
@@ -63,6 +69,95 @@ def batch_inputs(processor, examples, device):
     return {k: v.to(device) for k, v in inputs.items()}
 
 
+def patch_targets(processor, examples, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch class shares of the scene under every tile the model sees.
+
+    Returns (colour [tiles, patches, len(COLORS) + 1], shape [tiles, patches, len(SHAPES) + 1]),
+    class 0 = background, tiles in the order LLaVA-NeXT feeds them to the projector.
+    """
+    from PIL.Image import Resampling
+
+    ip = processor.image_processor
+    maps = [ip(label_image(*e.image.size, e.objects), resample=Resampling.NEAREST, do_rescale=False,
+               do_normalize=False, return_tensors="pt").pixel_values[0] for e in examples]
+    labels = torch.cat(maps).round().long()  # [tiles, 3, H, W]
+
+    def shares(channel: torch.Tensor, classes: int) -> torch.Tensor:
+        onehot = F.one_hot(channel.clamp(0, classes - 1), classes).permute(0, 3, 1, 2).float()
+        return F.avg_pool2d(onehot, processor.patch_size).flatten(2).transpose(1, 2)
+
+    return shares(labels[:, 0], len(COLORS) + 1).to(device), shares(labels[:, 1], len(SHAPES) + 1).to(device)
+
+
+def tile_counts(config, image_sizes) -> list[int]:
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return [image_size_to_num_patches(s, config.image_grid_pinpoints, config.vision_config.image_size)
+            for s in image_sizes]
+
+
+def base_column_loss(logits: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Cross-entropy of each base-view patch's column. The base view is the whole picture, so
+    its columns are the only place a tile-local tower can see left from right; this keeps
+    that in the features the decoder reads (RoPE gives the decoder relative order only)."""
+    first = torch.tensor([0, *counts[:-1]], device=logits.device).cumsum(0)  # base tile of each image
+    base = logits[first]  # [images, patches, side]
+    side = base.shape[-1]
+    column = torch.arange(side * side, device=logits.device) % side
+    return F.cross_entropy(base.flatten(0, 1), column.repeat(len(counts)))
+
+
+def relevant_tokens(model, inputs, examples, colour: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """[B, L] share of each prompt position covered by the object(s) the question names.
+
+    The per-patch shares are packed exactly like the image features (unpadding, newline
+    tokens = 0) and scattered to the image-token positions.
+    """
+    config = model.config
+    counts = tile_counts(config, inputs["image_sizes"])
+    per_tile = []
+    for e, c, s in zip(examples, colour.split(counts), shape.split(counts)):
+        words = e.question.split()
+        share = torch.ones_like(c[..., 0])
+        named_colour = [w for w in words if w in COLORS]
+        named_shape = [w for w in words if w in SHAPES]
+        if named_colour:
+            share = share * c[..., 1 + list(COLORS).index(named_colour[0])]
+        if named_shape:
+            share = share * s[..., 1 + SHAPES.index(named_shape[0])]
+        per_tile.append(share[..., None])
+    packed, _ = model.model.pack_image_features(per_tile, inputs["image_sizes"], "default",
+                                                image_newline=torch.zeros(1, device=colour.device))
+    out = torch.zeros(inputs["input_ids"].shape, device=colour.device)
+    out[inputs["input_ids"] == config.image_token_id] = torch.cat(packed).squeeze(-1)
+    return out
+
+
+def question_tokens(inputs, last: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """[B, L] 1.0 on the question: the text between the image and the last prompt token."""
+    ids = inputs["input_ids"]
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    after_image = pos > torch.where(ids == image_token_id, pos, -1).amax(-1, keepdim=True)
+    return (after_image & (pos < last[:, None])).float()
+
+
+def attention_mass_loss(attn: torch.Tensor, target: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """-log of the attention mass the last prompt token puts on the `target` positions ([B, L]
+    shares; >= 0.25 counts), mean over heads and over the rows that have a target (a "no"
+    question may name nothing that is in the picture)."""
+    rows = attn[torch.arange(attn.shape[0]), :, last]  # [B, H, L]
+    target = (target >= 0.25).float()[:, None]
+    has = target.flatten(1).any(-1)
+    if not has.any():
+        return attn.new_zeros(())
+    mass = (rows * target).sum(-1)[has]
+    return -(mass + 1e-6).log().mean()
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return -(target * logits.log_softmax(-1)).sum(-1).mean()
+
+
 def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return attention_mask.sum(-1) - 1  # right padding
 
@@ -92,9 +187,15 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-patch colour/shape loss")
+    p.add_argument("--ground-weight", type=float, default=1.0, help="weight of the attention grounding loss")
+    p.add_argument("--ground-layer", type=int, default=1, help="decoder layer (0-based) whose last-token "
+                   "attention is pointed at the named object; the layer before it reads the question")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    if args.steps < 10:
+        p.error(f"--steps must be at least 10 (the learning-rate warm-up needs them), got {args.steps}")
     from transformers import LlavaNextForConditionalGeneration
 
     torch.manual_seed(args.seed)
@@ -103,9 +204,15 @@ def main(argv=None):
     answer_ids = answer_token_ids(tokenizer)
     processor = make_processor(QUALITY_PRESET, tokenizer)
     config = preset_config(QUALITY_PRESET, tokenizer)
-    model = LlavaNextForConditionalGeneration(config).to(args.device)
+    # Eager attention: the grounding loss reads the attention probabilities.
+    model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation="eager").to(args.device)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    n_colour, n_shape = len(COLORS) + 1, len(SHAPES) + 1
+    aux_head = torch.nn.Linear(config.text_config.hidden_size, n_colour + n_shape + side).to(args.device)
+    projected: list[torch.Tensor] = []
+    model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: projected.append(out))
+    opt = torch.optim.AdamW([*model.parameters(), *aux_head.parameters()], lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=max(0.05, 2 / args.steps))
     test_seeds = list(TEST_SEEDS)
     rng = random.Random(args.seed)
@@ -114,18 +221,37 @@ def main(argv=None):
     for step in range(1, args.steps + 1):
         exs = [make_example(rng.randrange(TEST_SEEDS.start)) for _ in range(args.batch)]
         inputs = batch_inputs(processor, exs, args.device)
-        logits = model(**inputs).logits
-        last = logits[torch.arange(len(exs)), last_positions(inputs["attention_mask"])]
+        projected.clear()
+        out = model(**inputs, output_attentions=bool(args.ground_weight))
+        last_pos = last_positions(inputs["attention_mask"])
+        last = out.logits[torch.arange(len(exs)), last_pos]
         target = torch.tensor([answer_ids[e.answer] for e in exs], device=args.device)
-        loss = torch.nn.functional.cross_entropy(last.float(), target)
+        loss = answer_loss = F.cross_entropy(last.float(), target)
+        parts = {"answer": answer_loss}
+        colour, shape = patch_targets(processor, exs, args.device)
+        if args.aux_weight:
+            aux = aux_head(projected[0].float())
+            loss_aux = (soft_cross_entropy(aux[..., :n_colour], colour)
+                        + soft_cross_entropy(aux[..., n_colour:n_colour + n_shape], shape)
+                        + base_column_loss(aux[..., n_colour + n_shape:], tile_counts(config, inputs["image_sizes"])))
+            loss = loss + args.aux_weight * loss_aux
+            parts["patches"] = loss_aux
+        if args.ground_weight:
+            relevant = relevant_tokens(model, inputs, exs, colour, shape)
+            question = question_tokens(inputs, last_pos, config.image_token_id)
+            parts["object"] = attention_mass_loss(out.attentions[args.ground_layer], relevant, last_pos)
+            parts["question"] = attention_mass_loss(out.attentions[args.ground_layer - 1], question, last_pos)
+            loss = loss + args.ground_weight * (parts["object"] + parts["question"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        loss_avg = loss.item() if loss_avg is None else 0.95 * loss_avg + 0.05 * loss.item()
+        parts = {k: v.item() for k, v in parts.items()}
+        loss_avg = parts if loss_avg is None else {k: 0.95 * loss_avg[k] + 0.05 * v for k, v in parts.items()}
         if step % 50 == 0:
-            progress(f"step {step}/{args.steps} loss {loss_avg:.3f} ({time.perf_counter() - start:.0f}s)")
+            progress(f"step {step}/{args.steps} losses " + ", ".join(f"{k} {v:.3f}" for k, v in loss_avg.items())
+                     + f" ({time.perf_counter() - start:.0f}s)")
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(model, processor, answer_ids, test_seeds[:200], args.device)
             progress(f"step {step}: held-out accuracy " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))

@@ -12,7 +12,7 @@ weight extraction and the forward pass are Hugging Face specific.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -53,6 +53,7 @@ class PreparedPrompt:
     embeds: torch.Tensor  # (L, D) image features scattered in
     image_spans: list[tuple[int, int]]  # [start, end) of each image's tokens
     importance: list[torch.Tensor] | None  # per image (N,) CLS attention, when computed
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (H, W) per image, when known
 
 
 class HFReference:
@@ -88,7 +89,8 @@ class HFReference:
             embeds[pos] = feats.to(embeds.dtype)
             start += feats.shape[0]
         importance = self._importance(out, inputs["image_sizes"]) if with_importance else None
-        return PreparedPrompt(ids, embeds, spans, importance)
+        sizes = [(int(h), int(w)) for h, w in inputs["image_sizes"]]
+        return PreparedPrompt(ids, embeds, spans, importance, sizes)
 
     def _importance(self, vision_out, image_sizes) -> list[torch.Tensor]:
         """CLS attention of the feature layer, packed into the LLM's token layout (newline
@@ -168,9 +170,8 @@ class HFReference:
             if token == self.model.config.text_config.eos_token_id:
                 break
             tok = torch.tensor([token], device=current.embeds.device)
-            current = PreparedPrompt(torch.cat([current.input_ids, tok]),
-                                     torch.cat([current.embeds, emb(tok)]), current.image_spans,
-                                     current.importance)
+            current = replace(current, input_ids=torch.cat([current.input_ids, tok]),
+                              embeds=torch.cat([current.embeds, emb(tok)]))
         return out
 
     @staticmethod

@@ -1,0 +1,80 @@
+"""The quality harness measures what it claims: labels line up with pixels, the downsampling
+baseline yields exactly k tokens laid out like the model's own, and the grounding targets
+name the asked-about object."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from benchmarks.quality.evaluate import area_pool, downsample, token_layout
+from benchmarks.quality.task import COLORS, SIZES, make_example
+from benchmarks.quality.train import (QUALITY_PRESET, batch_inputs, patch_targets, preset_config, prompt,
+                                      question_tokens, relevant_tokens, tile_counts, tokenizer_corpus)
+from pio_fvlm_vllm.checkpoints import build_tokenizer, make_processor
+
+
+@pytest.fixture(scope="module")
+def parts():
+    tokenizer = build_tokenizer(QUALITY_PRESET.vocab_size, tokenizer_corpus())
+    return make_processor(QUALITY_PRESET, tokenizer), preset_config(QUALITY_PRESET, tokenizer)
+
+
+@pytest.mark.parametrize("width,height", [*SIZES, (300, 40), (37, 200)])
+def test_token_layout_matches_the_processor_count(parts, width, height):
+    processor, config = parts
+    inputs = processor(text=prompt("is there a red square ?"), images=[Image.new("RGB", (width, height))],
+                       return_tensors="pt", add_special_tokens=False)
+    layout = token_layout(config, (height, width))
+    assert layout.shape[0] == int((inputs.input_ids == config.image_token_id).sum())
+    assert (layout[:64, 0] == 0).all() and (layout[64:, 0] != 0).all()
+    rows = layout[layout[:, 0] == 1, 1]
+    assert (layout[:, 0] == -1).sum() == rows.unique().numel()  # one newline per grid row
+
+
+def test_area_pool_is_a_mean_at_one_token_and_identity_at_full_size():
+    grid = torch.randn(4, 6, 3)
+    assert torch.allclose(area_pool(grid, 1)[0], grid.mean((0, 1)), atol=1e-6)
+    assert torch.allclose(area_pool(grid, 24), grid.reshape(24, 3))
+
+
+def test_downsample_gives_exactly_k_tokens(parts):
+    _, config = parts
+    layout = token_layout(config, (150, 200))
+    tokens = torch.randn(layout.shape[0], 5)
+    for k in (1, 2, 3, 17, 30, 68, 136):
+        assert downsample(tokens, layout, k).shape == (k, 5)
+
+
+def test_patch_labels_line_up_with_the_pixels(parts):
+    processor, config = parts
+    examples = [make_example(s) for s in range(8)]
+    colour, _ = patch_targets(processor, examples, "cpu")
+    inputs = batch_inputs(processor, examples, "cpu")
+    tiles = torch.cat([pv[:n] for pv, n in zip(inputs["pixel_values"], tile_counts(config, inputs["image_sizes"]))])
+    assert tiles.shape[0] == colour.shape[0]
+    mean_rgb = F.avg_pool2d(tiles, processor.patch_size).flatten(2).transpose(1, 2)  # [tiles, patches, 3]
+    for i, name in enumerate(COLORS, start=1):
+        covered = colour[..., i] > 0.6
+        assert covered.any()
+        want = torch.tensor(COLORS[name], dtype=torch.float) / 255
+        # normalised pixels of a fully covered patch: the object's colour dominates its channels
+        assert torch.equal(mean_rgb[covered].mean(0).argmax(), want.argmax())
+
+
+def test_grounding_targets_name_the_object_and_the_question(parts):
+    processor, config = parts
+    from transformers import LlavaNextForConditionalGeneration
+
+    model = LlavaNextForConditionalGeneration(config)
+    example = make_example(0)  # "what color is the circle ?" over one blue circle among others
+    assert example.question == "what color is the circle ?"
+    inputs = batch_inputs(processor, [example], "cpu")
+    colour, shape = patch_targets(processor, [example], "cpu")
+    relevant = relevant_tokens(model, inputs, [example], colour, shape)[0]
+    image = inputs["input_ids"][0] == config.image_token_id
+    assert (relevant[~image] == 0).all() and (relevant >= 0.25).sum() >= 2
+    last = inputs["attention_mask"].sum(-1) - 1
+    question = question_tokens(inputs, last, config.image_token_id)[0]
+    assert question[image].sum() == 0 and question[last[0]] == 0
+    assert "circle" in processor.tokenizer.decode(inputs["input_ids"][0][question.bool()])
