@@ -1,6 +1,6 @@
 """A synthetic visual question-answering task whose answers depend on small image regions.
 
-Scenes hold one to four coloured shapes (about 20 px across) on a noisy canvas of one of
+Scenes hold one to four coloured shapes (28 to 40 px across, a few 14-pixel patches) on a noisy canvas of one of
 several anyres aspect ratios. Four question types, one-word answers:
 
 - attribute: "what color is the circle ?"            -> red / green / blue / yellow
@@ -65,7 +65,7 @@ def scene(rng: random.Random, width: int, height: int, count: int) -> list[Obj]:
     for _ in range(200):
         if len(objs) == count:
             break
-        r = rng.randint(9, 13)
+        r = rng.randint(14, 20)
         x, y = rng.randint(r + 2, width - r - 3), rng.randint(r + 2, height - r - 3)
         if all((x - o.x) ** 2 + (y - o.y) ** 2 > (r + o.r + 6) ** 2 for o in objs):
             objs.append(Obj(rng.choice(SHAPES), rng.choice(list(COLORS)), x, y, r))
@@ -105,7 +105,7 @@ def make_example(seed: int) -> Example:
         q, a = f"what color is the {o.shape} ?", o.color
     elif kind == "position":
         unique = [o for o in objs if sum((p.shape, p.color) == (o.shape, o.color) for p in objs) == 1
-                  and abs(o.x - width / 2) > 12]
+                  and abs(o.x - width / 2) > 16]
         if not unique:
             return make_example(seed + 7919 * len(KINDS))
         o = rng.choice(unique)
