@@ -36,7 +36,7 @@ def test_unpruned_forward_matches_transformers(reference, prepared):
 
 def test_keeping_everything_is_the_unpruned_forward(reference, prepared):
     everything = [torch.arange(e - s) for s, e in prepared.image_spans]
-    for placement in ("layer_k", "input"):
+    for placement in ("layer_k", "input", "input_positions"):
         torch.testing.assert_close(reference.last_logits(prepared, everything, placement),
                                    reference.last_logits(prepared, None))
 
@@ -48,6 +48,17 @@ def test_selection_budget_and_placements_differ(reference, prepared):
     inside = reference.last_logits(prepared, [kept], "layer_k")
     before = reference.last_logits(prepared, [kept], "input")
     assert not torch.allclose(inside, before)
+
+
+def test_input_placement_is_the_shorter_prompt_the_server_runs(reference, prepared):
+    """The plugin serves a prompt with k placeholders: positions renumbered, nothing pruned."""
+    (kept,) = reference.select(prepared, 0.111)
+    (start, end), = prepared.image_spans
+    shorter = reference.with_image_tokens(prepared, [prepared.embeds[start:end][kept]])
+    torch.testing.assert_close(reference.last_logits(prepared, [kept], "input"),
+                               reference.last_logits(shorter, None), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(reference.last_logits(prepared, [kept], "input_positions"),
+                              reference.last_logits(shorter, None))
 
 
 def test_encoder_involved_two_stages(reference, prepared):

@@ -7,6 +7,8 @@ Hugging Face reference forward (`pio_fvlm_vllm.reference`):
 
 - pio_fvlm (input): the plugin's method and placement: gradient saliency + NMS, every layer
   sees the k kept tokens;
+- pio_fvlm (input, original positions): as the plugin, but the kept tokens keep their
+  original positions instead of being renumbered as the served, shorter prompt is;
 - pio_fvlm (layer K): the paper's placement: all tokens up to layer K, the kept ones after;
 - pio_fvlm + visionzip: encoder-involved: VisionZip stage, then the gradient stage;
 - random, uniform stride, visionzip (CLS attention: k-c dominant + c merged contextual
@@ -105,6 +107,9 @@ class Methods:
     def pio_fvlm_input(self, p, keep):
         return self.ref.last_logits(p, self.ref.select(p, keep), "input")
 
+    def pio_fvlm_input_positions(self, p, keep):
+        return self.ref.last_logits(p, self.ref.select(p, keep), "input_positions")
+
     def pio_fvlm_layer_k(self, p, keep):
         return self.ref.last_logits(p, self.ref.select(p, keep), "layer_k")
 
@@ -133,6 +138,7 @@ class Methods:
 
 METHODS = {
     "pio_fvlm (input, = plugin)": "pio_fvlm_input",
+    "pio_fvlm (input, original positions)": "pio_fvlm_input_positions",
     "pio_fvlm (layer K, paper)": "pio_fvlm_layer_k",
     "pio_fvlm + visionzip": "pio_fvlm_visionzip",
     "random": "random",

@@ -3,8 +3,10 @@
 `HFReference` prunes *inside* the LLM: every token runs through the first K decoder layers,
 the proxy loss at layer K scores the image tokens, NMS selects them, and only the kept tokens
 (at their original positions) continue through layers K+1..L. The serving plugin instead
-prunes before layer 0 so the KV allocation shrinks in every layer; `placement="input"` here
-reproduces that choice on the same model, so the two can be compared token for token.
+prunes before layer 0 so the KV allocation shrinks in every layer, and the served prompt holds
+only k placeholders, so the tokens after the image move up (positions are renumbered);
+`placement="input"` here reproduces both on the same model, so the two can be compared token
+for token.
 
 The selection itself is the engine-independent code in `pio_fvlm_vllm.algorithm`; only the
 weight extraction and the forward pass are Hugging Face specific.
@@ -23,7 +25,9 @@ from ..budget import budget
 from ..settings import PioFvlmSettings
 from ..vllm_ext.proxy_weights import decoder_shape
 
-Placement = Literal["layer_k", "input"]
+# layer_k: the paper. input: the plugin. input_positions: pruned before layer 0 but the kept
+# tokens keep their original positions (what the plugin would give with position overrides).
+Placement = Literal["layer_k", "input", "input_positions"]
 
 
 def proxy_weights_from_hf(model, num_layers: int) -> ProxyWeights:
@@ -147,10 +151,12 @@ class HFReference:
             for (start, end), idx in zip(prepared.image_spans, kept):
                 keep_mask[start:end] = False
                 keep_mask[start + idx.to(x.device)] = True
-        prune_at = 0 if placement == "input" else self.proxy_layers
+        prune_at = self.proxy_layers if placement == "layer_k" else 0
         for i, layer in enumerate(lm.layers):
             if i == prune_at and kept is not None:
                 x, positions = x[:, keep_mask], positions[:, keep_mask]
+                if placement == "input":  # as served: a shorter prompt, numbered from 0
+                    positions = torch.arange(x.shape[1], device=x.device)[None]
             rope = lm.rotary_emb(x, positions)
             x = layer(x, attention_mask=None, position_ids=positions, position_embeddings=rope)
             x = x[0] if isinstance(x, tuple) else x
