@@ -44,6 +44,10 @@ def test_downsample_gives_exactly_k_tokens(parts):
     tokens = torch.randn(layout.shape[0], 5)
     for k in (1, 2, 3, 17, 30, 68, 136):
         assert downsample(tokens, layout, k).shape == (k, 5)
+    content = int((layout[:, 0] >= 0).sum())
+    for k in (0, content + 1):
+        with pytest.raises(ValueError, match=r"k must be in \[1, "):
+            downsample(tokens, layout, k)
 
 
 def test_patch_labels_line_up_with_the_pixels(parts):

@@ -61,6 +61,11 @@ def test_input_placement_is_the_shorter_prompt_the_server_runs(reference, prepar
                               reference.last_logits(shorter, None))
 
 
+def test_unknown_placement_is_refused(reference, prepared):
+    with pytest.raises(ValueError, match="placement must be one of"):
+        reference.last_logits(prepared, None, "layer_0")
+
+
 def test_encoder_involved_two_stages(reference, prepared):
     (start, end), = prepared.image_spans
     stage1, budgets = reference.visionzip_stage(prepared, 0.111)

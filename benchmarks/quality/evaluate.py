@@ -29,19 +29,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pio_fvlm_vllm.algorithm import uniform_stride
 from pio_fvlm_vllm.budget import budget
 from pio_fvlm_vllm.reference import HFReference
 from pio_fvlm_vllm.settings import PioFvlmSettings
 
 from ..common import RESULTS, progress, write_result
-from .task import ANSWERS, TEST_SEEDS, make_example
-from .train import prompt
+from .task import TEST_SEEDS, make_example
+from .train import answer_token_ids, prompt
 
 KEEPS = [1.0, 0.5, 0.222, 0.111, 0.05]
-
-
-def _uniform(n, k):
-    return torch.linspace(0, n - 1, k).round().long() if k > 1 else torch.tensor([n // 2])
 
 
 def token_layout(config, image_hw: tuple[int, int]) -> torch.Tensor:
@@ -82,6 +79,8 @@ def downsample(tokens: torch.Tensor, layout: torch.Tensor, k: int) -> torch.Tens
     grid each area-pooled in 2-D, sharing the k tokens in proportion to their sizes."""
     views = [layout[:, 0] == v for v in (0, 1)]
     sizes = [int(m.sum()) for m in views]
+    if not 1 <= k <= sum(sizes):
+        raise ValueError(f"k must be in [1, {sum(sizes)}] (the image's non-newline tokens), got {k}")
     k_base = min(sizes[0], round(k * sizes[0] / sum(sizes)))
     k_grid = min(sizes[1], k - k_base)
     k_base = k - k_grid
@@ -123,7 +122,7 @@ class Methods:
         return self.ref.last_logits(p, kept, "input")
 
     def uniform(self, p, keep):
-        return self.ref.last_logits(p, [_uniform(e - s, budget(e - s, keep)) for s, e in p.image_spans], "input")
+        return self.ref.last_logits(p, [uniform_stride(e - s, budget(e - s, keep)) for s, e in p.image_spans], "input")
 
     def visionzip(self, p, keep):
         contextual = [max(1, budget(e - s, keep) // 8) if budget(e - s, keep) > 1 else 0 for s, e in p.image_spans]
@@ -148,10 +147,6 @@ METHODS = {
 }
 
 
-def answer_ids(tokenizer):
-    return {w: tokenizer(" " + w, add_special_tokens=False).input_ids[0] for w in ANSWERS}
-
-
 def evaluate_hf(checkpoint: Path, scenes: list[int], keeps: list[float], settings: PioFvlmSettings) -> dict:
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
@@ -160,7 +155,9 @@ def evaluate_hf(checkpoint: Path, scenes: list[int], keeps: list[float], setting
     processor = AutoProcessor.from_pretrained(checkpoint)
     ref = HFReference(model, processor, settings)
     methods = Methods(ref)
-    ids = answer_ids(processor.tokenizer)
+    ids = answer_token_ids(processor.tokenizer)
+    # The plugin-placement answers, word by word, to compare with what `vllm serve` answers.
+    served_like = {k: [] for k in keeps}
     stats = {name: {k: {"correct": 0, "agree": 0, "kl": 0.0, "n": 0} for k in keeps} for name in METHODS}
     full_correct = 0
     for i, seed in enumerate(scenes):
@@ -179,13 +176,17 @@ def evaluate_hf(checkpoint: Path, scenes: list[int], keeps: list[float], setting
                 s["agree"] += top == full_top
                 s["kl"] += float((full_logp.exp() * (full_logp - logits.log_softmax(-1))).sum())
                 s["n"] += 1
+                if attr == "pio_fvlm_input":
+                    served_like[keep].append(processor.tokenizer.decode([top]).strip())
         if (i + 1) % 25 == 0:
             progress(f"HF path: {i + 1}/{len(scenes)} scenes")
-    return {"full_accuracy": full_correct / len(scenes), "methods": stats}
+    return {"full_accuracy": full_correct / len(scenes), "methods": stats, "plugin_answers": served_like}
 
 
 def evaluate_server(checkpoint: Path, scenes: list[int], keeps: list[float], settings: PioFvlmSettings,
-                    concurrency: int = 8) -> dict:
+                    reference_answers: dict[float, list[str]], concurrency: int = 8) -> dict:
+    """Accuracy and agreement through `vllm serve`, and how often the served answer is the HF
+    reference's answer with the same (plugin) placement."""
     from concurrent.futures import ThreadPoolExecutor
 
     from openai import OpenAI
@@ -193,7 +194,7 @@ def evaluate_server(checkpoint: Path, scenes: list[int], keeps: list[float], set
     from pio_fvlm_vllm.images import data_url
     from pio_fvlm_vllm.serving import VllmServer
 
-    out = {k: {"correct": 0, "agree": 0, "n": 0} for k in keeps}
+    out = {k: {"correct": 0, "agree": 0, "same_as_reference": 0, "n": 0} for k in keeps}
     env = {"PIO_FVLM_PROXY_LAYER": str(settings.proxy_layer)} if settings.proxy_layer else {}
     with VllmServer(checkpoint, args=["--dtype", "float32", "--max-model-len", "2048"], env=env) as server, \
             ThreadPoolExecutor(concurrency) as pool:
@@ -213,6 +214,7 @@ def evaluate_server(checkpoint: Path, scenes: list[int], keeps: list[float], set
             for keep in keeps:
                 out[keep]["correct"] += answers[keep] == ex.answer
                 out[keep]["agree"] += answers[keep] == answers[1.0]
+                out[keep]["same_as_reference"] += answers[keep] == reference_answers[keep][i]
                 out[keep]["n"] += 1
             if (i + 1) % 50 == 0:
                 progress(f"server path: {i + 1}/{len(scenes)} scenes")
@@ -233,6 +235,8 @@ def report(hf: dict, server: dict | None, keeps: list[float], scenes: int, check
         cells = [f"{server[k]['correct'] / server[k]['n']:.1%} / {server[k]['agree'] / server[k]['n']:.0%} / -"
                  for k in keeps]
         lines.append("| pio_fvlm via `vllm serve` (plugin) | " + " | ".join(cells) + " |")
+        cells = [f"{server[k]['same_as_reference'] / server[k]['n']:.1%}" for k in keeps]
+        lines.append("| `vllm serve` answer == HF reference answer, plugin placement | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -265,13 +269,16 @@ def main(argv=None):
     p.add_argument("--proxy-layer", type=int, default=2,
                    help="K for PIO-FVLM; the checkpoint grounds the question in decoder layer 2 of 4")
     args = p.parse_args(argv)
+    if not 1 <= args.scenes <= len(TEST_SEEDS):
+        p.error(f"--scenes must be in [1, {len(TEST_SEEDS)}] (the held-out split), got {args.scenes}")
     if 1.0 not in args.keeps:
         args.keeps = [1.0, *args.keeps]
     scenes = list(TEST_SEEDS)[: args.scenes]
     torch.manual_seed(0)
     settings = PioFvlmSettings(proxy_layer=args.proxy_layer)
     hf = evaluate_hf(args.checkpoint, scenes, args.keeps, settings)
-    server = evaluate_server(args.checkpoint, scenes, args.keeps, settings) if args.server else None
+    server = (evaluate_server(args.checkpoint, scenes, args.keeps, settings, hf["plugin_answers"])
+              if args.server else None)
     body = report(hf, server, args.keeps, len(scenes), args.checkpoint)
     print(body)
     write_result(f"{args.name}.md", "Quality: accuracy vs keep ratio", body + f"\n\n![quality]({args.name}.png)\n")

@@ -1,7 +1,7 @@
 """A synthetic visual question-answering task whose answers depend on small image regions.
 
-Scenes hold one to four coloured shapes (28 to 40 px across, a few 14-pixel patches) on a noisy canvas of one of
-several anyres aspect ratios. Four question types, one-word answers:
+Scenes hold one to four coloured shapes (28 to 40 px across: a few 14-pixel patches) on a
+noisy canvas of one of several anyres aspect ratios. Four question types, one-word answers:
 
 - attribute: "what color is the circle ?"            -> red / green / blue / yellow
 - position:  "is the red square on the left or right ?" -> left / right
@@ -47,8 +47,6 @@ class Example:
     answer: str
     kind: str
     objects: tuple[Obj, ...] = ()
-
-
 
 
 def _draw(draw: ImageDraw.ImageDraw, o: Obj, fill: tuple[int, int, int]) -> None:

@@ -196,6 +196,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.steps < 10:
         p.error(f"--steps must be at least 10 (the learning-rate warm-up needs them), got {args.steps}")
+    layers = QUALITY_PRESET.text["num_hidden_layers"]
+    if not 1 <= args.ground_layer < layers:
+        p.error(f"--ground-layer must be in [1, {layers - 1}] (the layer before it reads the question), "
+                f"got {args.ground_layer}")
     from transformers import LlavaNextForConditionalGeneration
 
     torch.manual_seed(args.seed)

@@ -3,7 +3,7 @@
 from .decoder import DecoderLayerWeights, DecoderShape, ProxyWeights, decoder_layer
 from .nms import nms_select
 from .saliency import ImageContext, Saliency, gradient_saliency, proxy_loss
-from .select import select_tokens
+from .select import select_tokens, uniform_stride
 from .visionzip import VisionZipResult, cls_attention, visionzip_compress
 
 __all__ = [
@@ -19,5 +19,6 @@ __all__ = [
     "nms_select",
     "proxy_loss",
     "select_tokens",
+    "uniform_stride",
     "visionzip_compress",
 ]

@@ -44,3 +44,10 @@ def select_tokens(
         for i, idx in zip(todo, kept):
             result[i] = idx
     return result  # type: ignore[return-value]
+
+
+def uniform_stride(num_tokens: int, num_keep: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """num_keep evenly spaced indices out of num_tokens, ascending and distinct (num_keep <= N)."""
+    if num_keep == 1:
+        return torch.tensor([num_tokens // 2], device=device)
+    return torch.linspace(0, num_tokens - 1, num_keep, device=device).round().long()

@@ -15,7 +15,7 @@ weight extraction and the forward pass are Hugging Face specific.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -28,6 +28,7 @@ from ..vllm_ext.proxy_weights import decoder_shape
 # layer_k: the paper. input: the plugin. input_positions: pruned before layer 0 but the kept
 # tokens keep their original positions (what the plugin would give with position overrides).
 Placement = Literal["layer_k", "input", "input_positions"]
+PLACEMENTS = get_args(Placement)
 
 
 def proxy_weights_from_hf(model, num_layers: int) -> ProxyWeights:
@@ -151,6 +152,8 @@ class HFReference:
             for (start, end), idx in zip(prepared.image_spans, kept):
                 keep_mask[start:end] = False
                 keep_mask[start + idx.to(x.device)] = True
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         prune_at = self.proxy_layers if placement == "layer_k" else 0
         for i, layer in enumerate(lm.layers):
             if i == prune_at and kept is not None:

@@ -25,7 +25,7 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..algorithm import ImageContext, ProxyWeights, select_tokens
+from ..algorithm import ImageContext, ProxyWeights, select_tokens, uniform_stride
 from ..settings import PioFvlmSettings
 from .context import CONTEXT_FIELD, KEEP_ALL, PromptContext
 from .processor import PioFvlmLlavaNextProcessor
@@ -182,10 +182,3 @@ _FAIL_ON_TOKENS = [int(t) for t in os.environ.get("PIO_FVLM_TEST_FAIL_ON_TOKENS"
 def _contains(ids: list[int], pattern: list[int]) -> bool:
     n = len(pattern)
     return any(ids[i:i + n] == pattern for i in range(len(ids) - n + 1))
-
-
-def uniform_stride(num_tokens: int, num_keep: int, device: torch.device) -> torch.Tensor:
-    """num_keep evenly spaced indices out of num_tokens, ascending and distinct (num_keep <= N)."""
-    if num_keep == 1:
-        return torch.tensor([num_tokens // 2], device=device)
-    return torch.linspace(0, num_tokens - 1, num_keep, device=device).round().long()
