@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from benchmarks.quality.evaluate import area_pool, downsample, token_layout
-from benchmarks.quality.task import COLORS, SIZES, make_example
-from benchmarks.quality.train import (QUALITY_PRESET, batch_inputs, patch_targets, preset_config, prompt,
-                                      question_tokens, relevant_tokens, tile_counts, tokenizer_corpus)
+from benchmarks.quality.task import COLORS, KINDS, SIZES, make_dialogue, make_example
+from benchmarks.quality.train import (QUALITY_PRESET, answer_slots, batch_inputs, dialogue_text, patch_targets,
+                                      preset_config, prompt, question_tokens, relevant_tokens, tile_counts,
+                                      tokenizer_corpus)
 from pio_fvlm_vllm.checkpoints import build_tokenizer, make_processor
 
 
@@ -78,10 +79,37 @@ def test_grounding_targets_name_the_object_and_the_question(parts):
     relevant = relevant_tokens(model, inputs, [example], colour, shape)[0]
     image = inputs["input_ids"][0] == config.image_token_id
     assert (relevant[~image] == 0).all() and (relevant >= 0.25).sum() >= 2
-    last = inputs["attention_mask"].sum(-1) - 1
-    question = question_tokens(inputs, last, config.image_token_id)[0]
-    assert question[image].sum() == 0 and question[last[0]] == 0
-    assert "circle" in processor.tokenizer.decode(inputs["input_ids"][0][question.bool()])
+    rows, slots = answer_slots(processor.tokenizer, inputs["input_ids"], [example])
+    question = question_tokens(inputs, rows, slots, config.image_token_id)[0]
+    assert question[image].sum() == 0 and question[slots[0]] == 0
+    assert processor.tokenizer.decode(inputs["input_ids"][0][question.bool()]).strip() == example.question
+
+
+def test_dialogue_supervises_every_turn_and_opens_like_the_served_prompt(parts):
+    processor, config = parts
+    from transformers import LlavaNextForConditionalGeneration
+
+    model = LlavaNextForConditionalGeneration(config)
+    dialogues = [make_dialogue(s) for s in range(6)]
+    assert {t.kind for d in dialogues for t in d.turns} == set(KINDS)
+    inputs = batch_inputs(processor, dialogues, "cpu")
+    rows, slots = answer_slots(processor.tokenizer, inputs["input_ids"], dialogues)
+    answers = [t.answer for d in dialogues for t in d.turns]
+    assert processor.tokenizer.batch_decode(inputs["input_ids"][rows, slots + 1][:, None]) == [f" {a}" for a in answers]
+    # the first turn reads as the single-question prompt, so its answer is learnt in the served context
+    d = dialogues[0]
+    assert dialogue_text(d.turns).startswith(prompt(d.turns[0].question) + " ")
+    # every turn's question is marked, and a position question is grounded in the base view only
+    question = question_tokens(inputs, rows, slots, config.image_token_id)
+    decoded = [processor.tokenizer.decode(inputs["input_ids"][r][q.bool()]) for r, q in zip(rows, question)]
+    assert [text.split("USER:")[-1].strip() for text in decoded] == [t.question for d in dialogues for t in d.turns]
+    colour, shape = patch_targets(processor, dialogues, "cpu")
+    relevant = relevant_tokens(model, inputs, dialogues, colour, shape)
+    kinds = [t.kind for d in dialogues for t in d.turns]
+    base_end = inputs["input_ids"].eq(config.image_token_id).int().argmax(-1) + 64  # base view: first 64
+    for r, kind, target in zip(rows, kinds, relevant):
+        if kind == "position":
+            assert target[base_end[r]:].sum() == 0 and (target >= 0.25).any()
 
 
 def test_committed_checkpoint_answers_and_pio_fvlm_outranks_random():

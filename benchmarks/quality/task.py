@@ -9,7 +9,8 @@ noisy canvas of one of several anyres aspect ratios. Four question types, one-wo
 - presence:  "is there a green triangle ?"            -> yes / no
 
 Dropping the few tokens that cover the asked-about object changes the answer, so the task
-tells good token selection from bad.
+tells good token selection from bad. `make_example` draws the held-out split (one question a
+scene); `make_dialogue` draws training scenes that are asked every kind of question in turn.
 """
 
 from __future__ import annotations
@@ -41,11 +42,34 @@ class Obj:
 
 
 @dataclass(frozen=True)
+class Turn:
+    question: str
+    answer: str
+    kind: str
+
+
+@dataclass(frozen=True)
 class Example:
+    """One scene, one question: what the held-out split and the evaluation use."""
+
     image: Image.Image
     question: str
     answer: str
     kind: str
+    objects: tuple[Obj, ...] = ()
+
+    @property
+    def turns(self) -> tuple[Turn, ...]:
+        return (Turn(self.question, self.answer, self.kind),)
+
+
+@dataclass(frozen=True)
+class Dialogue:
+    """One scene, one question of every kind it allows, asked in turn: a training example
+    that supervises several answers for one pass over the image."""
+
+    image: Image.Image
+    turns: tuple[Turn, ...]
     objects: tuple[Obj, ...] = ()
 
 
@@ -90,37 +114,51 @@ def label_image(width: int, height: int, objs: tuple[Obj, ...]) -> Image.Image:
     return img
 
 
+def ask(rng: random.Random, kind: str, objs: list[Obj], width: int) -> Turn | None:
+    """A question of `kind` about the scene, or None when the scene has nothing to ask it of."""
+    if kind == "attribute":
+        unique = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+        if not unique:
+            return None
+        o = rng.choice(unique)
+        return Turn(f"what color is the {o.shape} ?", o.color, kind)
+    if kind == "position":
+        unique = [o for o in objs if sum((p.shape, p.color) == (o.shape, o.color) for p in objs) == 1
+                  and abs(o.x - width / 2) > 16]
+        if not unique:
+            return None
+        o = rng.choice(unique)
+        return Turn(f"is the {o.color} {o.shape} on the left or right ?", "left" if o.x < width / 2 else "right",
+                    kind)
+    if kind == "count":
+        color = rng.choice(list(COLORS))
+        return Turn(f"how many {color} objects are there ?", NUMBERS[sum(o.color == color for o in objs)], kind)
+    if rng.random() < 0.5:
+        o = rng.choice(objs)
+        shape, color = o.shape, o.color
+    else:
+        shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
+    present = any((o.shape, o.color) == (shape, color) for o in objs)
+    return Turn(f"is there a {color} {shape} ?", "yes" if present else "no", kind)
+
+
 def make_example(seed: int) -> Example:
     rng = random.Random(seed)
     width, height = rng.choice(SIZES)
     kind = KINDS[seed % len(KINDS)]
     objs = scene(rng, width, height, rng.randint(1, 4))
-    if kind == "attribute":
-        unique = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
-        if not unique:
-            return make_example(seed + 7919 * len(KINDS))
-        o = rng.choice(unique)
-        q, a = f"what color is the {o.shape} ?", o.color
-    elif kind == "position":
-        unique = [o for o in objs if sum((p.shape, p.color) == (o.shape, o.color) for p in objs) == 1
-                  and abs(o.x - width / 2) > 16]
-        if not unique:
-            return make_example(seed + 7919 * len(KINDS))
-        o = rng.choice(unique)
-        q, a = f"is the {o.color} {o.shape} on the left or right ?", "left" if o.x < width / 2 else "right"
-    elif kind == "count":
-        color = rng.choice(list(COLORS))
-        q, a = f"how many {color} objects are there ?", NUMBERS[sum(o.color == color for o in objs)]
-    else:
-        if rng.random() < 0.5:
-            o = rng.choice(objs)
-            shape, color = o.shape, o.color
-        else:
-            shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
-        present = any((o.shape, o.color) == (shape, color) for o in objs)
-        q, a = f"is there a {color} {shape} ?", "yes" if present else "no"
-    return Example(render(rng, width, height, objs), q, a, kind, tuple(objs))
+    turn = ask(rng, kind, objs, width)
+    if turn is None:
+        return make_example(seed + 7919 * len(KINDS))
+    return Example(render(rng, width, height, objs), turn.question, turn.answer, kind, tuple(objs))
 
 
-TRAIN_SEEDS = range(0, 10**7)
+def make_dialogue(seed: int) -> Dialogue:
+    rng = random.Random(seed)
+    width, height = rng.choice(SIZES)
+    objs = scene(rng, width, height, rng.randint(1, 4))
+    turns = [ask(rng, kind, objs, width) for kind in rng.sample(KINDS, len(KINDS))]
+    return Dialogue(render(rng, width, height, objs), tuple(t for t in turns if t is not None), tuple(objs))
+
+
 TEST_SEEDS = range(10**8, 10**8 + 400)  # held out: never drawn by training

@@ -6,12 +6,15 @@ Seeded and deterministic for a given machine; about 35 minutes on 2 CPU cores. T
 architecture is LLaVA-NeXT's (CLIP tower, 2-layer GELU projector, anyres tiles with
 unpadding and newline tokens, Llama decoder), scaled down: 112-pixel tiles of 14-pixel
 patches (64 tokens a tile), a 4-layer CLIP of width 96 and a 4-layer Llama of width 128.
-The answer token is supervised with cross-entropy. While training, a linear head on the
+Each training scene is asked one question of every kind it allows, one after another in a
+single chat, so one pass over the image supervises up to four answers; the first turn reads
+exactly like the single-question prompt that is served. While training, a linear head on the
 projector output also predicts, for every 14-pixel patch of every tile, the colour and shape
 of the object under it (dense targets rendered from the scene, run through the processor's
-own resizing and tiling). That teaches the vision tower to see objects in a few hundred
-steps, so the decoder can learn to ask about them; without it the model sits at chance for
-thousands of steps. The head is dropped when the checkpoint is written.
+own resizing and tiling), and the attention of each answer slot is pointed at its question
+and then at the object it names. That teaches the vision tower to see objects in a few
+hundred steps, so the decoder can learn to ask about them; without it the model sits at
+chance for thousands of steps. The head is dropped when the checkpoint is written.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from pio_fvlm_vllm.checkpoints import Preset, build_tokenizer, make_processor, preset_config, save_checkpoint
 
 from ..common import progress
-from .task import ANSWERS, COLORS, KINDS, SHAPES, TEST_SEEDS, VOCABULARY, label_image, make_example
+from .task import ANSWERS, COLORS, KINDS, SHAPES, TEST_SEEDS, VOCABULARY, label_image, make_dialogue, make_example
 
 QUALITY_PRESET = Preset(
     vision=dict(hidden_size=96, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4),
@@ -43,6 +46,14 @@ QUALITY_PRESET = Preset(
 def prompt(question: str) -> str:
     """What the checkpoint's chat template renders for one user turn with one image."""
     return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def dialogue_text(turns) -> str:
+    """The turns as one chat, answers included: the answer to turn i is the token after its
+    i-th "ASSISTANT:". The first turn reads exactly like the single-question prompt."""
+    first, *rest = turns
+    return prompt(first.question) + f" {first.answer}" + "".join(
+        f" USER: {t.question} ASSISTANT: {t.answer}" for t in rest)
 
 
 def tokenizer_corpus() -> list[str]:
@@ -64,9 +75,23 @@ def answer_token_ids(tokenizer) -> dict[str, int]:
 
 def batch_inputs(processor, examples, device):
     # As vLLM renders a chat: the template's text, no BOS added by the tokenizer.
-    inputs = processor(text=[prompt(e.question) for e in examples], images=[e.image for e in examples],
+    inputs = processor(text=[dialogue_text(e.turns) for e in examples], images=[e.image for e in examples],
                        return_tensors="pt", padding=True, add_special_tokens=False)
     return {k: v.to(device) for k, v in inputs.items()}
+
+
+def answer_slots(tokenizer, input_ids: torch.Tensor, examples) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) of the token each answer is predicted from, turn by turn: the end of
+    every " ASSISTANT:", whose next token is the answer."""
+    marker = tokenizer(" ASSISTANT:", add_special_tokens=False).input_ids
+    width = len(marker)
+    windows = input_ids.unfold(1, width, 1)  # [B, L - width + 1, width]
+    hit = (windows == torch.tensor(marker, device=input_ids.device)).all(-1)
+    rows, starts = hit.nonzero(as_tuple=True)
+    turns = sum(len(e.turns) for e in examples)
+    if rows.numel() != turns:
+        raise RuntimeError(f"found {rows.numel()} answer slots for {turns} turns")
+    return rows, starts + width - 1
 
 
 def patch_targets(processor, examples, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,58 +133,68 @@ def base_column_loss(logits: torch.Tensor, counts: list[int]) -> torch.Tensor:
 
 
 def relevant_tokens(model, inputs, examples, colour: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-    """[B, L] share of each prompt position covered by the object(s) the question names.
+    """[turns, L] share of each prompt position covered by the object(s) each turn's question
+    names, turns in order of `answer_slots`.
 
     The per-patch shares are packed exactly like the image features (unpadding, newline
-    tokens = 0) and scattered to the image-token positions.
+    tokens = 0) and scattered to the image-token positions of the turn's row. A position
+    question looks only at the base view: the grid tiles are seen one by one, so only the
+    whole-picture view can tell left from right.
     """
     config = model.config
     counts = tile_counts(config, inputs["image_sizes"])
-    per_tile = []
-    for e, c, s in zip(examples, colour.split(counts), shape.split(counts)):
-        words = e.question.split()
-        share = torch.ones_like(c[..., 0])
-        named_colour = [w for w in words if w in COLORS]
-        named_shape = [w for w in words if w in SHAPES]
-        if named_colour:
-            share = share * c[..., 1 + list(COLORS).index(named_colour[0])]
-        if named_shape:
-            share = share * s[..., 1 + SHAPES.index(named_shape[0])]
-        per_tile.append(share[..., None])
-    packed, _ = model.model.pack_image_features(per_tile, inputs["image_sizes"], "default",
-                                                image_newline=torch.zeros(1, device=colour.device))
-    out = torch.zeros(inputs["input_ids"].shape, device=colour.device)
-    out[inputs["input_ids"] == config.image_token_id] = torch.cat(packed).squeeze(-1)
-    return out
+    out = []
+    for row, (e, c, s) in enumerate(zip(examples, colour.split(counts), shape.split(counts))):
+        image = inputs["input_ids"][row] == config.image_token_id
+        for turn in e.turns:
+            words = turn.question.split()
+            share = torch.ones_like(c[..., 0])
+            named_colour = [w for w in words if w in COLORS]
+            named_shape = [w for w in words if w in SHAPES]
+            if named_colour:
+                share = share * c[..., 1 + list(COLORS).index(named_colour[0])]
+            if named_shape:
+                share = share * s[..., 1 + SHAPES.index(named_shape[0])]
+            if turn.kind == "position":
+                share[1:] = 0
+            packed, _ = model.model.pack_image_features([share[..., None]], inputs["image_sizes"][row:row + 1],
+                                                        "default", image_newline=torch.zeros(1, device=c.device))
+            target = torch.zeros(image.shape, device=c.device)
+            target[image] = packed[0].squeeze(-1)
+            out.append(target)
+    return torch.stack(out)
 
 
-def question_tokens(inputs, last: torch.Tensor, image_token_id: int) -> torch.Tensor:
-    """[B, L] 1.0 on the question: the text between the image and the last prompt token."""
+def question_tokens(inputs, rows: torch.Tensor, slots: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """[turns, L] 1.0 on each turn's question: the text between the image (first turn) or the
+    previous answer and the turn's answer slot."""
     ids = inputs["input_ids"]
     pos = torch.arange(ids.shape[1], device=ids.device)
-    after_image = pos > torch.where(ids == image_token_id, pos, -1).amax(-1, keepdim=True)
-    return (after_image & (pos < last[:, None])).float()
+    last_image = torch.where(ids == image_token_id, pos, -1).amax(-1)[rows]
+    first_turn = torch.ones_like(rows, dtype=torch.bool)
+    first_turn[1:] = rows[1:] != rows[:-1]
+    previous_answer = torch.cat([slots[:1], slots[:-1]]) + 1
+    start = torch.where(first_turn, last_image, previous_answer)
+    return ((pos > start[:, None]) & (pos < slots[:, None] - 1)).float()
 
 
-def attention_mass_loss(attn: torch.Tensor, target: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """-log of the attention mass the last prompt token puts on the `target` positions ([B, L]
-    shares; >= 0.25 counts), mean over heads and over the rows that have a target (a "no"
-    question may name nothing that is in the picture)."""
-    rows = attn[torch.arange(attn.shape[0]), :, last]  # [B, H, L]
+def attention_mass_loss(attn: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
+                        heads: int) -> torch.Tensor:
+    """-log of the attention mass each answer slot puts on its `target` positions ([turns, L]
+    shares; >= 0.25 counts), mean over the first `heads` heads and over the turns that have a
+    target (a "no" question may name nothing that is in the picture). The other heads stay
+    free: counting needs attention that is not all on the counted objects."""
+    attn_rows = attn[rows, :heads, slots]  # [turns, heads, L]
     target = (target >= 0.25).float()[:, None]
     has = target.flatten(1).any(-1)
     if not has.any():
         return attn.new_zeros(())
-    mass = (rows * target).sum(-1)[has]
+    mass = (attn_rows * target).sum(-1)[has]
     return -(mass + 1e-6).log().mean()
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return -(target * logits.log_softmax(-1)).sum(-1).mean()
-
-
-def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    return attention_mask.sum(-1) - 1  # right padding
 
 
 @torch.no_grad()
@@ -170,7 +205,7 @@ def evaluate(model, processor, answer_ids, seeds, device, batch=16) -> dict[str,
         exs = [make_example(s) for s in seeds[i:i + batch]]
         inputs = batch_inputs(processor, exs, device)
         logits = model(**inputs).logits
-        pred = logits[torch.arange(len(exs)), last_positions(inputs["attention_mask"])].argmax(-1)
+        pred = logits[answer_slots(processor.tokenizer, inputs["input_ids"], exs)].argmax(-1)
         for e, p in zip(exs, pred.tolist()):
             correct[e.kind][0] += int(p == answer_ids[e.answer])
             correct[e.kind][1] += 1
@@ -184,6 +219,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "checkpoint")
     p.add_argument("--steps", type=int, default=3500)
+    p.add_argument("--init", type=Path, help="continue from the weights of a checkpoint this script wrote "
+                   "(a fresh learning-rate schedule; the patch head starts anew)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -191,6 +228,8 @@ def main(argv=None):
     p.add_argument("--ground-weight", type=float, default=1.0, help="weight of the attention grounding loss")
     p.add_argument("--ground-layer", type=int, default=1, help="decoder layer (0-based) whose last-token "
                    "attention is pointed at the named object; the layer before it reads the question")
+    p.add_argument("--ground-heads", type=int, default=2, help="how many attention heads (the first ones) "
+                   "the grounding loss points; the rest stay free")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -200,6 +239,9 @@ def main(argv=None):
     if not 1 <= args.ground_layer < layers:
         p.error(f"--ground-layer must be in [1, {layers - 1}] (the layer before it reads the question), "
                 f"got {args.ground_layer}")
+    heads = QUALITY_PRESET.text["num_attention_heads"]
+    if not 1 <= args.ground_heads <= heads:
+        p.error(f"--ground-heads must be in [1, {heads}], got {args.ground_heads}")
     from transformers import LlavaNextForConditionalGeneration
 
     torch.manual_seed(args.seed)
@@ -209,7 +251,17 @@ def main(argv=None):
     processor = make_processor(QUALITY_PRESET, tokenizer)
     config = preset_config(QUALITY_PRESET, tokenizer)
     # Eager attention: the grounding loss reads the attention probabilities.
-    model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation="eager").to(args.device)
+    model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation="eager")
+    if args.init:
+        if not (args.init / "model.safetensors").is_file():
+            p.error(f"--init {args.init} holds no model.safetensors")
+        init = LlavaNextForConditionalGeneration.from_pretrained(args.init, attn_implementation="eager")
+        shapes = {k: v.shape for k, v in init.state_dict().items()}
+        if shapes != {k: v.shape for k, v in model.state_dict().items()} or \
+                init.config.image_token_id != config.image_token_id:
+            p.error(f"--init {args.init} is not a checkpoint of this preset")
+        model.load_state_dict(init.state_dict())
+    model = model.to(args.device)
     model.train()
     side = config.vision_config.image_size // config.vision_config.patch_size
     n_colour, n_shape = len(COLORS) + 1, len(SHAPES) + 1
@@ -223,14 +275,13 @@ def main(argv=None):
     start = time.perf_counter()
     loss_avg = None
     for step in range(1, args.steps + 1):
-        exs = [make_example(rng.randrange(TEST_SEEDS.start)) for _ in range(args.batch)]
+        exs = [make_dialogue(rng.randrange(TEST_SEEDS.start)) for _ in range(args.batch)]
         inputs = batch_inputs(processor, exs, args.device)
         projected.clear()
         out = model(**inputs, output_attentions=bool(args.ground_weight))
-        last_pos = last_positions(inputs["attention_mask"])
-        last = out.logits[torch.arange(len(exs)), last_pos]
-        target = torch.tensor([answer_ids[e.answer] for e in exs], device=args.device)
-        loss = answer_loss = F.cross_entropy(last.float(), target)
+        rows, slots = answer_slots(tokenizer, inputs["input_ids"], exs)
+        target = torch.tensor([answer_ids[t.answer] for e in exs for t in e.turns], device=args.device)
+        loss = answer_loss = F.cross_entropy(out.logits[rows, slots].float(), target)
         parts = {"answer": answer_loss}
         colour, shape = patch_targets(processor, exs, args.device)
         if args.aux_weight:
@@ -242,9 +293,11 @@ def main(argv=None):
             parts["patches"] = loss_aux
         if args.ground_weight:
             relevant = relevant_tokens(model, inputs, exs, colour, shape)
-            question = question_tokens(inputs, last_pos, config.image_token_id)
-            parts["object"] = attention_mass_loss(out.attentions[args.ground_layer], relevant, last_pos)
-            parts["question"] = attention_mass_loss(out.attentions[args.ground_layer - 1], question, last_pos)
+            question = question_tokens(inputs, rows, slots, config.image_token_id)
+            heads = args.ground_heads
+            parts["object"] = attention_mass_loss(out.attentions[args.ground_layer], relevant, rows, slots, heads)
+            parts["question"] = attention_mass_loss(out.attentions[args.ground_layer - 1], question, rows, slots,
+                                                    heads)
             loss = loss + args.ground_weight * (parts["object"] + parts["question"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -261,10 +314,13 @@ def main(argv=None):
             progress(f"step {step}: held-out accuracy " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
     acc = evaluate(model, processor, answer_ids, test_seeds, args.device)
     progress("final held-out accuracy " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))
-    note = (f"# Quality checkpoint\n\nTrained by `python -m benchmarks.quality.train --steps {args.steps} "
-            f"--batch {args.batch} --lr {args.lr} --seed {args.seed}` on {args.device} in "
-            f"{time.perf_counter() - start:.0f}s. Held-out accuracy (all {len(test_seeds)} test scenes, full "
-            f"image tokens): " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()) + ".\n")
+    command = f"--steps {args.steps} --batch {args.batch} --lr {args.lr} --seed {args.seed}"
+    stage = (f"`python -m benchmarks.quality.train {command}" + (f" --init {args.init}`" if args.init else "`")
+             + f" on {args.device} in {time.perf_counter() - start:.0f}s. Held-out accuracy (all {len(test_seeds)}"
+             " test scenes, full image tokens): " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()) + ".\n")
+    # A continued run keeps the history of the checkpoint it started from.
+    note = ((args.init / "README.md").read_text() + "\nThen continued by " if args.init
+            else "# Quality checkpoint\n\nTrained by ") + stage
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_checkpoint(args.out, config, processor, state, note)
     progress(f"wrote {args.out}")
