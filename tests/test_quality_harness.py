@@ -125,7 +125,7 @@ def test_committed_checkpoint_answers_and_pio_fvlm_outranks_random():
     assert 0.05 in KEEPS
     checkpoint = Path(__file__).parents[1] / "benchmarks" / "quality" / "checkpoint"
     torch.manual_seed(0)
-    result = evaluate_hf(checkpoint, list(TEST_SEEDS)[:60], [1.0, 0.05], PioFvlmSettings(proxy_layer=2))
+    result = evaluate_hf(checkpoint, list(TEST_SEEDS)[:160], [1.0, 0.05], PioFvlmSettings(proxy_layer=2))
     assert result["full_accuracy"] >= 0.8
     methods = result["methods"]
     agree = {name: methods[name][0.05]["agree"] / methods[name][0.05]["n"] for name in methods}
