@@ -114,7 +114,7 @@ def test_dialogue_supervises_every_turn_and_opens_like_the_served_prompt(parts):
 
 def test_committed_checkpoint_answers_and_pio_fvlm_outranks_random():
     """The committed checkpoint loads in the llava-hf layout, answers held-out scenes far above
-    the question prior (~45%; it scores 88% on all 400), and PIO-FVLM at keep 0.05 agrees with full tokens far more often than
+    the question prior (~45%; it scores 91% on all 400), and PIO-FVLM at keep 0.05 agrees with full tokens far more often than
     random selection at the same budget."""
     from pathlib import Path
 
@@ -126,7 +126,7 @@ def test_committed_checkpoint_answers_and_pio_fvlm_outranks_random():
     checkpoint = Path(__file__).parents[1] / "benchmarks" / "quality" / "checkpoint"
     torch.manual_seed(0)
     result = evaluate_hf(checkpoint, list(TEST_SEEDS)[:160], [1.0, 0.05], PioFvlmSettings(proxy_layer=2))
-    assert result["full_accuracy"] >= 0.8
+    assert result["full_accuracy"] >= 0.85
     methods = result["methods"]
     agree = {name: methods[name][0.05]["agree"] / methods[name][0.05]["n"] for name in methods}
     assert agree["pio_fvlm (input, = plugin)"] >= agree["random"] + 0.1, agree
