@@ -79,9 +79,9 @@ def test_grounding_targets_name_the_object_and_the_question(parts):
     relevant = relevant_tokens(model, inputs, [example], colour, shape)[0]
     image = inputs["input_ids"][0] == config.image_token_id
     assert (relevant[~image] == 0).all() and (relevant >= 0.25).sum() >= 2
-    rows, slots = answer_slots(processor.tokenizer, inputs["input_ids"], [example])
-    question = question_tokens(inputs, rows, slots, config.image_token_id)[0]
-    assert question[image].sum() == 0 and question[slots[0]] == 0
+    at = answer_slots(processor.tokenizer, inputs["input_ids"], [example])
+    question = question_tokens(inputs, at, config.image_token_id)[0]
+    assert question[image].sum() == 0 and question[at.markers[0]:].sum() == 0
     assert processor.tokenizer.decode(inputs["input_ids"][0][question.bool()]).strip() == example.question
 
 
@@ -93,29 +93,31 @@ def test_dialogue_supervises_every_turn_and_opens_like_the_served_prompt(parts):
     dialogues = [make_dialogue(s) for s in range(6)]
     assert {t.kind for d in dialogues for t in d.turns} == set(KINDS)
     inputs = batch_inputs(processor, dialogues, "cpu")
-    rows, slots = answer_slots(processor.tokenizer, inputs["input_ids"], dialogues)
+    at = answer_slots(processor.tokenizer, inputs["input_ids"], dialogues)
     answers = [t.answer for d in dialogues for t in d.turns]
-    assert processor.tokenizer.batch_decode(inputs["input_ids"][rows, slots + 1][:, None]) == [f" {a}" for a in answers]
+    assert processor.tokenizer.batch_decode(inputs["input_ids"][at.rows, at.slots + 1][:, None]) == [
+        f" {a}" for a in answers]
     # the first turn reads as the single-question prompt, so its answer is learnt in the served context
     d = dialogues[0]
     assert dialogue_text(d.turns).startswith(prompt(d.turns[0].question) + " ")
     # every turn's question is marked, and a position question is grounded in the base view only
-    question = question_tokens(inputs, rows, slots, config.image_token_id)
-    decoded = [processor.tokenizer.decode(inputs["input_ids"][r][q.bool()]) for r, q in zip(rows, question)]
+    question = question_tokens(inputs, at, config.image_token_id)
+    decoded = [processor.tokenizer.decode(inputs["input_ids"][r][q.bool()]) for r, q in zip(at.rows, question)]
     assert [text.split("USER:")[-1].strip() for text in decoded] == [t.question for d in dialogues for t in d.turns]
     colour, shape = patch_targets(processor, dialogues, "cpu")
     relevant = relevant_tokens(model, inputs, dialogues, colour, shape)
     kinds = [t.kind for d in dialogues for t in d.turns]
-    base_end = inputs["input_ids"].eq(config.image_token_id).int().argmax(-1) + 64  # base view: first 64
-    for r, kind, target in zip(rows, kinds, relevant):
+    base_tokens = (config.vision_config.image_size // config.vision_config.patch_size) ** 2  # base view first
+    base_end = inputs["input_ids"].eq(config.image_token_id).int().argmax(-1) + base_tokens
+    for r, kind, target in zip(at.rows, kinds, relevant):
         if kind == "position":
             assert target[base_end[r]:].sum() == 0 and (target >= 0.25).any()
 
 
 def test_committed_checkpoint_answers_and_pio_fvlm_outranks_random():
     """The committed checkpoint loads in the llava-hf layout, answers held-out scenes far above
-    the question prior (~45%; it scores 91% on all 400), and PIO-FVLM at keep 0.05 agrees with full tokens far more often than
-    random selection at the same budget."""
+    the question prior (~45%; it scores 91% on all 400), and PIO-FVLM at keep 0.05 agrees with
+    full tokens far more often than random selection at the same budget."""
     from pathlib import Path
 
     from benchmarks.quality.evaluate import KEEPS, evaluate_hf

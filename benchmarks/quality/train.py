@@ -2,7 +2,7 @@
 
     python -m benchmarks.quality.train --out benchmarks/quality/checkpoint
 
-Seeded and deterministic for a given machine; about 35 minutes on 2 CPU cores. The
+Seeded and deterministic for a given machine; about 45 minutes on 2 CPU cores. The
 architecture is LLaVA-NeXT's (CLIP tower, 2-layer GELU projector, anyres tiles with
 unpadding and newline tokens, Llama decoder), scaled down: 112-pixel tiles of 14-pixel
 patches (64 tokens a tile), a 4-layer CLIP of width 96 and a 4-layer Llama of width 128.
@@ -23,6 +23,7 @@ import argparse
 import random
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -80,9 +81,16 @@ def batch_inputs(processor, examples, device):
     return {k: v.to(device) for k, v in inputs.items()}
 
 
-def answer_slots(tokenizer, input_ids: torch.Tensor, examples) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, position) of the token each answer is predicted from, turn by turn: the end of
-    every " ASSISTANT:", whose next token is the answer."""
+class AnswerSlots(NamedTuple):
+    """Where each turn's answer is asked, turn by turn ([turns] each): the row, the first token
+    of its " ASSISTANT:" marker, and the marker's last token, from which the answer is predicted."""
+
+    rows: torch.Tensor
+    markers: torch.Tensor
+    slots: torch.Tensor
+
+
+def answer_slots(tokenizer, input_ids: torch.Tensor, examples) -> AnswerSlots:
     marker = tokenizer(" ASSISTANT:", add_special_tokens=False).input_ids
     width = len(marker)
     windows = input_ids.unfold(1, width, 1)  # [B, L - width + 1, width]
@@ -91,7 +99,7 @@ def answer_slots(tokenizer, input_ids: torch.Tensor, examples) -> tuple[torch.Te
     turns = sum(len(e.turns) for e in examples)
     if rows.numel() != turns:
         raise RuntimeError(f"found {rows.numel()} answer slots for {turns} turns")
-    return rows, starts + width - 1
+    return AnswerSlots(rows, starts, starts + width - 1)
 
 
 def patch_targets(processor, examples, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,26 +173,25 @@ def relevant_tokens(model, inputs, examples, colour: torch.Tensor, shape: torch.
     return torch.stack(out)
 
 
-def question_tokens(inputs, rows: torch.Tensor, slots: torch.Tensor, image_token_id: int) -> torch.Tensor:
+def question_tokens(inputs, at: AnswerSlots, image_token_id: int) -> torch.Tensor:
     """[turns, L] 1.0 on each turn's question: the text between the image (first turn) or the
-    previous answer and the turn's answer slot."""
+    previous answer and the turn's " ASSISTANT:" marker."""
     ids = inputs["input_ids"]
     pos = torch.arange(ids.shape[1], device=ids.device)
-    last_image = torch.where(ids == image_token_id, pos, -1).amax(-1)[rows]
-    first_turn = torch.ones_like(rows, dtype=torch.bool)
-    first_turn[1:] = rows[1:] != rows[:-1]
-    previous_answer = torch.cat([slots[:1], slots[:-1]]) + 1
+    last_image = torch.where(ids == image_token_id, pos, -1).amax(-1)[at.rows]
+    first_turn = torch.ones_like(at.rows, dtype=torch.bool)
+    first_turn[1:] = at.rows[1:] != at.rows[:-1]
+    previous_answer = torch.cat([at.slots[:1], at.slots[:-1]]) + 1
     start = torch.where(first_turn, last_image, previous_answer)
-    return ((pos > start[:, None]) & (pos < slots[:, None] - 1)).float()
+    return ((pos > start[:, None]) & (pos < at.markers[:, None])).float()
 
 
-def attention_mass_loss(attn: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor,
-                        heads: int) -> torch.Tensor:
+def attention_mass_loss(attn: torch.Tensor, target: torch.Tensor, at: AnswerSlots, heads: int) -> torch.Tensor:
     """-log of the attention mass each answer slot puts on its `target` positions ([turns, L]
     shares; >= 0.25 counts), mean over the first `heads` heads and over the turns that have a
     target (a "no" question may name nothing that is in the picture). The other heads stay
     free: counting needs attention that is not all on the counted objects."""
-    attn_rows = attn[rows, :heads, slots]  # [turns, heads, L]
+    attn_rows = attn[at.rows, :heads, at.slots]  # [turns, heads, L]
     target = (target >= 0.25).float()[:, None]
     has = target.flatten(1).any(-1)
     if not has.any():
@@ -205,7 +212,8 @@ def evaluate(model, processor, answer_ids, seeds, device, batch=16) -> dict[str,
         exs = [make_example(s) for s in seeds[i:i + batch]]
         inputs = batch_inputs(processor, exs, device)
         logits = model(**inputs).logits
-        pred = logits[answer_slots(processor.tokenizer, inputs["input_ids"], exs)].argmax(-1)
+        at = answer_slots(processor.tokenizer, inputs["input_ids"], exs)
+        pred = logits[at.rows, at.slots].argmax(-1)
         for e, p in zip(exs, pred.tolist()):
             correct[e.kind][0] += int(p == answer_ids[e.answer])
             correct[e.kind][1] += 1
@@ -235,6 +243,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.steps < 10:
         p.error(f"--steps must be at least 10 (the learning-rate warm-up needs them), got {args.steps}")
+    for flag, value in (("--batch", args.batch), ("--eval-every", args.eval_every)):
+        if value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
     layers = QUALITY_PRESET.text["num_hidden_layers"]
     if not 1 <= args.ground_layer < layers:
         p.error(f"--ground-layer must be in [1, {layers - 1}] (the layer before it reads the question), "
@@ -252,9 +263,15 @@ def main(argv=None):
     config = preset_config(QUALITY_PRESET, tokenizer)
     # Eager attention: the grounding loss reads the attention probabilities.
     model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation="eager")
+    history = "# Quality checkpoint\n\nTrained by "
     if args.init:
         if not (args.init / "model.safetensors").is_file():
             p.error(f"--init {args.init} holds no model.safetensors")
+        # A continued run keeps the history of the checkpoint it started from; read it now, as
+        # --out may be the same directory.
+        readme = args.init / "README.md"
+        history = (readme.read_text() if readme.is_file() else f"# Quality checkpoint\n\nStarted from {args.init}.\n"
+                   ) + "\nThen continued by "
         init = LlavaNextForConditionalGeneration.from_pretrained(args.init, attn_implementation="eager")
         shapes = {k: v.shape for k, v in init.state_dict().items()}
         if shapes != {k: v.shape for k, v in model.state_dict().items()} or \
@@ -269,7 +286,8 @@ def main(argv=None):
     projected: list[torch.Tensor] = []
     model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: projected.append(out))
     opt = torch.optim.AdamW([*model.parameters(), *aux_head.parameters()], lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=max(0.05, 2 / args.steps))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps,
+                                                pct_start=max(0.05, 2 / args.steps))
     test_seeds = list(TEST_SEEDS)
     rng = random.Random(args.seed)
     start = time.perf_counter()
@@ -279,9 +297,9 @@ def main(argv=None):
         inputs = batch_inputs(processor, exs, args.device)
         projected.clear()
         out = model(**inputs, output_attentions=bool(args.ground_weight))
-        rows, slots = answer_slots(tokenizer, inputs["input_ids"], exs)
+        at = answer_slots(tokenizer, inputs["input_ids"], exs)
         target = torch.tensor([answer_ids[t.answer] for e in exs for t in e.turns], device=args.device)
-        loss = answer_loss = F.cross_entropy(out.logits[rows, slots].float(), target)
+        loss = answer_loss = F.cross_entropy(out.logits[at.rows, at.slots].float(), target)
         parts = {"answer": answer_loss}
         colour, shape = patch_targets(processor, exs, args.device)
         if args.aux_weight:
@@ -293,11 +311,10 @@ def main(argv=None):
             parts["patches"] = loss_aux
         if args.ground_weight:
             relevant = relevant_tokens(model, inputs, exs, colour, shape)
-            question = question_tokens(inputs, rows, slots, config.image_token_id)
+            question = question_tokens(inputs, at, config.image_token_id)
             heads = args.ground_heads
-            parts["object"] = attention_mass_loss(out.attentions[args.ground_layer], relevant, rows, slots, heads)
-            parts["question"] = attention_mass_loss(out.attentions[args.ground_layer - 1], question, rows, slots,
-                                                    heads)
+            parts["object"] = attention_mass_loss(out.attentions[args.ground_layer], relevant, at, heads)
+            parts["question"] = attention_mass_loss(out.attentions[args.ground_layer - 1], question, at, heads)
             loss = loss + args.ground_weight * (parts["object"] + parts["question"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -318,9 +335,7 @@ def main(argv=None):
     stage = (f"`python -m benchmarks.quality.train {command}" + (f" --init {args.init}`" if args.init else "`")
              + f" on {args.device} in {time.perf_counter() - start:.0f}s. Held-out accuracy (all {len(test_seeds)}"
              " test scenes, full image tokens): " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()) + ".\n")
-    # A continued run keeps the history of the checkpoint it started from.
-    note = ((args.init / "README.md").read_text() + "\nThen continued by " if args.init
-            else "# Quality checkpoint\n\nTrained by ") + stage
+    note = history + stage
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_checkpoint(args.out, config, processor, state, note)
     progress(f"wrote {args.out}")
