@@ -23,7 +23,9 @@ _DEFAULT_PROXY_LAYER_BY_DEPTH = {32: 2, 40: 3, 60: 4, 80: 5}
 def default_proxy_layer(num_hidden_layers: int) -> int:
     if num_hidden_layers in _DEFAULT_PROXY_LAYER_BY_DEPTH:
         return _DEFAULT_PROXY_LAYER_BY_DEPTH[num_hidden_layers]
-    return max(1, min(num_hidden_layers, round(num_hidden_layers / 16)))
+    # At least 2 where the model has the depth: layer 1's full-sequence states are then a
+    # by-product of the proxy and can be handed to the served prefill (see handoff_layer).
+    return max(1, min(num_hidden_layers - 1, max(2, round(num_hidden_layers / 16))))
 
 
 class PioFvlmSettings(BaseModel):
@@ -57,6 +59,14 @@ class PioFvlmSettings(BaseModel):
         "grad_x_input",
         description="grad_x_input: |<dL/dx_i, x_i>|, the first-order loss change when token i is "
         "removed. grad_norm: ||dL/dx_i||.",
+    )
+    handoff_layer: int | None = Field(
+        None,
+        ge=0,
+        description="h: the kept image tokens of a prompt's first pruned image and the text after "
+        "it take over the proxy's full-sequence states after decoder layer h, so layers > h "
+        "see what the unpruned prompt gives them there. 0 turns it off; at most "
+        "K - backprop_layers (free by-products of the proxy). None: 1 where that fits, else 0.",
     )
     nms_threshold: float = Field(
         0.9,
@@ -95,6 +105,18 @@ class PioFvlmSettings(BaseModel):
                 f"backprop_layers must be in [1, {k}] (the proxy layer K), got {self.backprop_layers}"
             )
         return k
+
+    def handoff_layer_for(self, num_hidden_layers: int) -> int:
+        """h for a model of this depth (0: no hand-off); checks it against K - backprop_layers."""
+        top = self.proxy_layer_for(num_hidden_layers) - self.backprop_layers
+        if self.handoff_layer is None:
+            return min(1, top)
+        if self.handoff_layer > top:
+            raise ValueError(
+                f"handoff_layer must be in [0, {top}] (proxy_layer K - backprop_layers), got "
+                f"{self.handoff_layer}"
+            )
+        return self.handoff_layer
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "PioFvlmSettings":

@@ -3,7 +3,7 @@
 from .decoder import DecoderLayerWeights, DecoderShape, ProxyWeights, decoder_layer
 from .nms import nms_select
 from .saliency import ImageContext, Saliency, gradient_saliency, proxy_loss
-from .select import select_tokens, uniform_stride
+from .select import Selection, select, select_tokens, uniform_stride
 from .visionzip import VisionZipResult, cls_attention, visionzip_compress
 
 __all__ = [
@@ -12,12 +12,14 @@ __all__ = [
     "ImageContext",
     "ProxyWeights",
     "Saliency",
+    "Selection",
     "VisionZipResult",
     "cls_attention",
     "decoder_layer",
     "gradient_saliency",
     "nms_select",
     "proxy_loss",
+    "select",
     "select_tokens",
     "uniform_stride",
     "visionzip_compress",

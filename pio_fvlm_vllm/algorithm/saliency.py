@@ -48,6 +48,9 @@ class Saliency:
     scores: torch.Tensor  # (B, Nmax) at least float32, -inf past each image's N
     features: torch.Tensor  # (B, Nmax, D) hidden states of the image tokens where scored
     num_tokens: list[int]
+    # Per context (L_b, D): the residual stream after `handoff_layer` decoder layers over the
+    # whole sequence [prefix, image, suffix]; None when no hand-off layer was asked for.
+    handoff_states: list[torch.Tensor] | None = None
 
 
 def _pack(contexts: list[ImageContext], dtype: torch.dtype) -> tuple[torch.Tensor, list[int]]:
@@ -84,19 +87,28 @@ def gradient_saliency(
     backprop_layers: int = 1,
     loss_kind: Literal["logit_lens", "state"] = "logit_lens",
     reduction: Literal["grad_x_input", "grad_norm"] = "grad_x_input",
+    handoff_layer: int = 0,
 ) -> Saliency:
     """Scores the image tokens of every context by the gradient of the layer-K proxy loss.
 
     K is `weights.num_layers`. The first K - backprop_layers layers run without autograd; the
-    gradient is taken at the input of the remaining ones.
+    gradient is taken at the input of the remaining ones. With `handoff_layer` h > 0 (at most
+    K - backprop_layers, so it costs no extra layer) the full-sequence states after layer h
+    are returned too: the served prefill takes them over for the kept rows.
     """
     if not contexts:
         raise ValueError("gradient_saliency needs at least one image context")
     num_layers = weights.num_layers
     if not 1 <= backprop_layers <= num_layers:
         raise ValueError(f"backprop_layers must be in [1, {num_layers}], got {backprop_layers}")
+    if not 0 <= handoff_layer <= num_layers - backprop_layers:
+        raise ValueError(
+            f"handoff_layer must be in [0, {num_layers - backprop_layers}] (K - backprop_layers), "
+            f"got {handoff_layer}"
+        )
     shape = weights.shape
     dtype = weights.lm_head.dtype
+    handoff = None
     with torch.inference_mode(False), torch.enable_grad():
         x, lengths = _pack(contexts, dtype)
         bsz, seq, _ = x.shape
@@ -104,8 +116,10 @@ def gradient_saliency(
         cos, sin = rotary_cos_sin(positions, shape.head_dim, shape.rope_theta, dtype)
         first_grad_layer = num_layers - backprop_layers
         with torch.no_grad():
-            for w in weights.layers[:first_grad_layer]:
+            for i, w in enumerate(weights.layers[:first_grad_layer]):
                 x = decoder_layer(x, w, shape, cos, sin, weights.tp_group)
+                if i + 1 == handoff_layer:
+                    handoff = [x[b, :n] for b, n in enumerate(lengths)]
         x_in = x.detach().requires_grad_(True)
         x = x_in
         for w in weights.layers[first_grad_layer:-1]:
@@ -131,4 +145,5 @@ def gradient_saliency(
         else:
             raise ValueError(f"saliency must be 'grad_x_input' or 'grad_norm', got {reduction!r}")
         features[b, :n] = h
-    return Saliency(scores=scores, features=features, num_tokens=[c.num_image_tokens for c in contexts])
+    return Saliency(scores=scores, features=features, num_tokens=[c.num_image_tokens for c in contexts],
+                    handoff_states=handoff)

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..settings import PioFvlmSettings
 from .decoder import ProxyWeights
 from .nms import nms_select
 from .saliency import ImageContext, gradient_saliency
+
+
+@dataclass
+class Selection:
+    kept: list[torch.Tensor]  # per context: exactly num_keep[i] indices, ascending
+    # per context (L_i, D): full-sequence states after the hand-off layer, None for a context
+    # that keeps all its tokens or when no hand-off layer was asked for
+    handoff_states: list[torch.Tensor | None]
 
 
 def select_tokens(
@@ -20,9 +30,21 @@ def select_tokens(
 
     Contexts that keep all their tokens skip the proxy pass.
     """
+    return select(weights, contexts, num_keep, settings).kept
+
+
+def select(
+    weights: ProxyWeights,
+    contexts: list[ImageContext],
+    num_keep: list[int],
+    settings: PioFvlmSettings,
+    handoff_layer: int = 0,
+) -> Selection:
+    """`select_tokens`, plus each pruned context's states after `handoff_layer` layers."""
     if len(num_keep) != len(contexts):
         raise ValueError(f"got {len(num_keep)} budgets for {len(contexts)} images")
     result: list[torch.Tensor | None] = [None] * len(contexts)
+    states: list[torch.Tensor | None] = [None] * len(contexts)
     todo = []
     for i, (ctx, k) in enumerate(zip(contexts, num_keep)):
         n = ctx.num_image_tokens
@@ -39,11 +61,14 @@ def select_tokens(
             backprop_layers=settings.backprop_layers,
             loss_kind=settings.proxy_loss,
             reduction=settings.saliency,
+            handoff_layer=handoff_layer,
         )
         kept = nms_select(sal.scores, sal.features, [num_keep[i] for i in todo], settings.nms_threshold)
-        for i, idx in zip(todo, kept):
+        for j, (i, idx) in enumerate(zip(todo, kept)):
             result[i] = idx
-    return result  # type: ignore[return-value]
+            if sal.handoff_states is not None:
+                states[i] = sal.handoff_states[j]
+    return Selection(result, states)  # type: ignore[arg-type]
 
 
 def uniform_stride(num_tokens: int, num_keep: int, device: torch.device | str = "cpu") -> torch.Tensor:

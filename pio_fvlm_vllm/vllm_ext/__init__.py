@@ -11,9 +11,12 @@ def install() -> None:
 
     from vllm import ModelRegistry
 
+    from .engine_config import enable_cpu_pruning_hook, install_engine_config
     from .stats import ensure_stats_dir, register_collector
 
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
+    install_engine_config(ARCHITECTURE)
+    enable_cpu_pruning_hook()
     if multiprocessing.parent_process() is not None:
         return  # engine and worker processes: the model is all they need
     # The front-end process: parses the command line, renders requests, serves HTTP.

@@ -1,8 +1,11 @@
 """What the model needs to know about an image's request, carried beside the pixels.
 
 The multimodal embedding step never sees the prompt, but the selection depends on it. The
-processor therefore packs, per image, the token budget and the prompt text around that image
-into one int64 tensor (a batched multimodal field), and the model unpacks it.
+processor therefore packs, per image, the token budget, where the image sits in the served and
+in the unpruned prompt, how many text rows after it take over the proxy's states, and the
+prompt text around it into one int64 tensor (a batched multimodal field), and the model
+unpacks it. The same multimodal hash implies the same prompt, so all of it is fixed by the
+hash.
 """
 
 from __future__ import annotations
@@ -13,25 +16,45 @@ import torch
 
 CONTEXT_FIELD = "pio_fvlm_context"
 KEEP_ALL = -1
+NO_HANDOFF = -1
+
+
+_HEADER = 6
 
 
 @dataclass(frozen=True)
 class PromptContext:
     num_keep: int  # KEEP_ALL: stock behaviour
+    num_tokens: int  # N, the image's tokens in the unpruned prompt
+    served_offset: int  # index of the image's first placeholder in the served prompt
+    original_offset: int  # index of the image's first token in the unpruned prompt
+    handoff_rows: int  # text rows after the image that take over the proxy's states; NO_HANDOFF
     prefix_ids: list[int]
     suffix_ids: list[int]
 
+    @property
+    def pruned(self) -> bool:
+        return self.num_keep != KEEP_ALL
+
+    @property
+    def handoff(self) -> bool:
+        """Whether the image's kept rows (and handoff_rows text rows) take over proxy states."""
+        return self.handoff_rows != NO_HANDOFF
+
     def pack(self) -> torch.Tensor:
         return torch.tensor(
-            [self.num_keep, len(self.prefix_ids), *self.prefix_ids, *self.suffix_ids],
+            [self.num_keep, self.num_tokens, self.served_offset, self.original_offset,
+             self.handoff_rows, len(self.prefix_ids), *self.prefix_ids, *self.suffix_ids],
             dtype=torch.int64,
         )
 
     @classmethod
     def unpack(cls, packed: torch.Tensor) -> "PromptContext":
         values = packed.reshape(-1).tolist()
-        num_keep, num_prefix = values[0], values[1]
-        return cls(num_keep, values[2 : 2 + num_prefix], values[2 + num_prefix :])
+        if len(values) < _HEADER or not 0 <= values[5] <= len(values) - _HEADER:
+            raise ValueError(f"malformed PIO-FVLM context of {len(values)} values")
+        num_prefix = values[5]
+        return cls(*values[:5], values[_HEADER : _HEADER + num_prefix], values[_HEADER + num_prefix :])
 
 
 def image_contexts(prompt_ids: list[int], image_token_id: int) -> list[tuple[list[int], list[int]]]:

@@ -4,7 +4,9 @@ The vision tower and projector run as in stock vLLM and give N embeddings per im
 image whose request asked for fewer, the selection pass (proxy forward through the first K
 decoder layers, layer-local gradient saliency, NMS) keeps exactly the number of placeholders
 the processor emitted, in their original order. Every decoder layer then prefills and caches
-only those tokens.
+only those tokens, at the positions they have in the unpruned prompt (vLLM's M-RoPE pruning
+hook, see `engine_config.py`), and after layer h the first image's kept tokens and the text
+after it continue from the states the unpruned prompt gives them there (`handoff.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiModalPruning
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import (
     LlavaNextForConditionalGeneration,
@@ -25,9 +28,12 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..algorithm import ImageContext, ProxyWeights, select_tokens, uniform_stride
+from ..algorithm import ImageContext, ProxyWeights, Selection, select, uniform_stride
+from ..positions import NUM_DIGITS, POSITION_COLUMNS, ImageSpan, decode_digits, encode_digits, original_positions
 from ..settings import PioFvlmSettings
-from .context import CONTEXT_FIELD, KEEP_ALL, PromptContext
+from .context import CONTEXT_FIELD, PromptContext
+from .engine_config import missing_engine_config
+from .handoff import HandoffBuffers
 from .processor import PioFvlmLlavaNextProcessor
 from .stats import SELECTION_STATS
 
@@ -59,12 +65,20 @@ def _as_list(batched: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tenso
     return list(batched.unbind(0)) if isinstance(batched, torch.Tensor) else list(batched)
 
 
+def _feature_context(feature) -> PromptContext | None:
+    data = feature.data
+    elem = None if data is None else data.get(CONTEXT_FIELD)
+    return None if elem is None else PromptContext.unpack(elem.data)
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     PioFvlmLlavaNextProcessor,
     info=LlavaNextProcessingInfo,
     dummy_inputs=LlavaDummyInputsBuilder,
 )
-class PioFvlmLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+class PioFvlmLlavaNextForConditionalGeneration(
+    LlavaNextForConditionalGeneration, SupportsMRoPE, SupportsMultiModalPruning
+):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         text_config = self.config.text_config
@@ -74,10 +88,100 @@ class PioFvlmLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
                 "PIO_FVLM_MODE=encoder_involved is available in the Hugging Face reference path "
                 "(pio_fvlm_vllm.reference) only; the vLLM plugin runs mode encoder_free"
             )
+        missing = missing_engine_config(vllm_config)
+        if missing:
+            raise ValueError(
+                "PIO-FVLM keeps pruned tokens at their original positions through vLLM's M-RoPE "
+                f"pruning hook, which this engine configuration leaves off; add {' and '.join(missing)}"
+            )
         self.pio_proxy_layers = self.pio_settings.proxy_layer_for(text_config.num_hidden_layers)
+        self.pio_handoff_layer = self.pio_settings.handoff_layer_for(text_config.num_hidden_layers)
         self.pio_tp_size = vllm_config.parallel_config.tensor_parallel_size
+        self.pio_hidden_size = text_config.hidden_size
         self.pio_proxy: ProxyWeights | None = None
         self.quant_method = ProxySnapshotHook()
+        self.pio_handoff: HandoffBuffers | None = None
+        if self.pio_handoff_layer:
+            scheduler = vllm_config.scheduler_config
+            self.pio_handoff = HandoffBuffers(
+                scheduler.max_num_batched_tokens + scheduler.max_num_seqs,
+                text_config.hidden_size, vllm_config.model_config.dtype,
+            )
+            layer = self.language_model.model.layers[self.pio_handoff_layer - 1]
+            layer.register_forward_hook(self.pio_handoff.after_layer)
+        self._extend_rotary_table(text_config.max_position_embeddings + vllm_config.model_config.max_model_len)
+
+    def _extend_rotary_table(self, num_positions: int) -> None:
+        """Decode positions run Σ(N - k) ahead of the served length, past max_model_len: give
+        the rotary table those rows (the existing rows stay bit-identical, checked)."""
+        seen: set[int] = set()
+        for layer in self.language_model.model.layers:
+            rope = getattr(getattr(layer, "self_attn", None), "rotary_emb", None)
+            cache = getattr(rope, "cos_sin_cache", None)
+            if cache is None or id(rope) in seen or cache.shape[0] >= num_positions:
+                continue
+            seen.add(id(rope))
+            before = rope.max_position_embeddings
+            rope.max_position_embeddings = num_positions
+            longer = rope._compute_cos_sin_cache().to(cache.device, cache.dtype)
+            if torch.equal(longer[: cache.shape[0]], cache):
+                rope.cos_sin_cache = longer
+            else:
+                rope.max_position_embeddings = before
+                logger.warning("PIO-FVLM: rotary table of %s not extended; decode positions past %d "
+                               "are not supported", type(rope).__name__, cache.shape[0])
+
+    # -- positions (vLLM's M-RoPE pruning hook) -------------------------------------------
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
+        """Unpruned positions for every row; kept image rows provisional until selection."""
+        spans = []
+        for feature in mm_features:
+            ctx = _feature_context(feature)
+            if ctx is not None and ctx.pruned:
+                spans.append(ImageSpan(feature.mm_position.offset, ctx.num_keep, ctx.num_tokens))
+        positions, shift = original_positions(len(input_tokens), spans)
+        return positions.expand(3, -1).clone(), shift
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings: Sequence[torch.Tensor],
+                                  mrope_positions: torch.Tensor, num_computed_tokens: int):
+        """Writes the original positions carried in the rows' trailing digit columns, stashes
+        hand-off states, and strips both. Called for every request on every V1 step."""
+        width = self.pio_hidden_size
+        if not any(e.shape[-1] > width for e in multimodal_embeddings):
+            return multimodal_embeddings, mrope_positions, self._position_delta(mrope_positions)
+        positions = mrope_positions.clone()
+        stripped = []
+        for rows in multimodal_embeddings:
+            if rows.shape[-1] > width:
+                digits = rows[:, -POSITION_COLUMNS:]
+                served = decode_digits(digits[:, :NUM_DIGITS]).to(positions.device)
+                original = decode_digits(digits[:, NUM_DIGITS:]).to(positions.device, positions.dtype)
+                positions[:, served] = original
+                if rows.shape[-1] == 2 * width + POSITION_COLUMNS and self.pio_handoff is not None:
+                    marks = self.pio_handoff.stash(rows[:, width : 2 * width])
+                    positions[1, served] = marks.to(positions.device, positions.dtype)
+                rows = rows[:, :width]
+            stripped.append(rows)
+        return stripped, positions, self._position_delta(positions)
+
+    @staticmethod
+    def _position_delta(positions: torch.Tensor) -> int:
+        # The last prompt row is text, whose position is final from the start: decode
+        # positions continue from it (vLLM adds this delta to the served index).
+        return int(positions[0, -1]) + 1 - positions.shape[1]
+
+    def forward(self, input_ids, positions: torch.Tensor, intermediate_tensors=None, inputs_embeds=None,
+                **kwargs):
+        if positions.ndim == 2:  # 3-row positions: row 0 is the position, row 1 hand-off marks
+            if self.pio_handoff is not None:
+                self.pio_handoff.load(positions[1])
+            positions = positions[0]
+        try:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds,
+                                   **kwargs)
+        finally:
+            if self.pio_handoff is not None:
+                self.pio_handoff.clear()
 
     def snapshot_proxy_weights(self) -> None:
         from .proxy_weights import snapshot_proxy_weights
@@ -110,33 +214,58 @@ class PioFvlmLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
         return self._select(list(embeddings), contexts)
 
     def _select(self, embeddings: list[torch.Tensor], contexts: list[PromptContext]) -> list[torch.Tensor]:
-        todo = [i for i, c in enumerate(contexts) if c.num_keep != KEEP_ALL]
+        todo = [i for i, c in enumerate(contexts) if c.pruned and c.num_keep < embeddings[i].shape[0]]
+        for i, c in enumerate(contexts):
+            n = embeddings[i].shape[0]
+            if c.pruned and not (0 < c.num_keep <= n and c.num_tokens == n):
+                raise RuntimeError(f"image {i}: {c.num_keep} placeholders for {n} image tokens "
+                                   f"(the processor counted {c.num_tokens})")
         if not todo:
             return embeddings
-        for i in todo:
-            n, k = embeddings[i].shape[0], contexts[i].num_keep
-            if not 0 < k <= n:
-                raise RuntimeError(f"image {i}: {k} placeholders for {n} image tokens")
         start = time.perf_counter()
-        kept, failed = self._kept_indices([embeddings[i] for i in todo], [contexts[i] for i in todo])
+        selection, failed = self._kept_indices([embeddings[i] for i in todo], [contexts[i] for i in todo])
         seen = [embeddings[i].shape[0] for i in todo]
-        for i, idx in zip(todo, kept):
-            embeddings[i] = embeddings[i][idx.to(embeddings[i].device)]
-        SELECTION_STATS.record(seen, [idx.numel() for idx in kept], time.perf_counter() - start, failed)
+        for j, i in enumerate(todo):
+            embeddings[i] = self._served_rows(embeddings[i], selection.kept[j], contexts[i],
+                                              selection.handoff_states[j])
+        SELECTION_STATS.record(seen, [idx.numel() for idx in selection.kept], time.perf_counter() - start,
+                               failed)
         return embeddings
 
-    def _kept_indices(
-        self, images: list[torch.Tensor], contexts: list[PromptContext]
-    ) -> tuple[list[torch.Tensor], bool]:
-        """Kept indices per image, and whether any image's selection failed.
+    def _served_rows(self, image: torch.Tensor, kept: torch.Tensor, ctx: PromptContext,
+                     states: torch.Tensor | None) -> torch.Tensor:
+        """The image's placeholder rows: [input embedding | hand-off state | digit columns].
+
+        Rows: the kept tokens, then (with a hand-off) the text after the image. The digit
+        columns carry each row's served index and original position for the pruning hook.
+        """
+        kept = kept.to(image.device)
+        rows = max(ctx.handoff_rows, 0)
+        arange = torch.arange(rows, device=image.device)
+        served = ctx.served_offset + torch.arange(kept.numel() + rows, device=image.device)
+        original = torch.cat([ctx.original_offset + kept, ctx.original_offset + ctx.num_tokens + arange])
+        embeds = image[kept]
+        if rows:
+            embeds = torch.cat([embeds, self._embed_text(ctx.suffix_ids[:rows], image.device).to(embeds.dtype)])
+        columns = [embeds]
+        if ctx.handoff and states is not None:
+            start = len(ctx.prefix_ids)
+            text = start + ctx.num_tokens + arange
+            columns.append(states[torch.cat([start + kept, text])].to(embeds.dtype))
+        columns += [encode_digits(served, embeds.dtype), encode_digits(original, embeds.dtype)]
+        return torch.cat(columns, dim=-1)
+
+    def _kept_indices(self, images: list[torch.Tensor], contexts: list[PromptContext]) -> tuple[Selection, bool]:
+        """Kept indices (and hand-off states) per image, and whether any image's selection failed.
 
         A failure must not cost the other requests of the batch: the batch is retried one
         image at a time, and only an image whose own selection fails falls back to uniform
-        stride (it still gets exactly its budget).
+        stride (it still gets exactly its budget, without hand-off states).
         """
         budgets = [c.num_keep for c in contexts]
         if self.pio_proxy is None:  # weights were never loaded through vLLM's loader
-            return [uniform_stride(img.shape[0], k, img.device) for img, k in zip(images, budgets)], True
+            return Selection([uniform_stride(img.shape[0], k, img.device) for img, k in zip(images, budgets)],
+                             [None] * len(images)), True
         device = images[0].device
         image_contexts = [
             ImageContext(
@@ -151,23 +280,27 @@ class PioFvlmLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration
         except Exception:
             if len(images) == 1:
                 logger.exception("PIO-FVLM selection failed; using uniform-stride selection")
-                return [uniform_stride(images[0].shape[0], budgets[0], device)], True
+                return Selection([uniform_stride(images[0].shape[0], budgets[0], device)], [None]), True
             logger.warning("PIO-FVLM batched selection failed; retrying image by image")
-        kept, failed = [], False
+        kept, states, failed = [], [], False
         for ctx, k, c in zip(image_contexts, budgets, contexts):
             try:
-                kept += self._run_selection([ctx], [k], [c])
+                one = self._run_selection([ctx], [k], [c])
+                kept += one.kept
+                states += one.handoff_states
             except Exception:
                 logger.exception("PIO-FVLM selection failed for one image; using uniform-stride selection")
                 kept.append(uniform_stride(ctx.num_image_tokens, k, device))
+                states.append(None)
                 failed = True
-        return kept, failed
+        return Selection(kept, states), failed
 
     def _run_selection(self, image_contexts: list[ImageContext], budgets: list[int],
-                       contexts: list[PromptContext]) -> list[torch.Tensor]:
+                       contexts: list[PromptContext]) -> Selection:
         if _FAIL_ON_TOKENS and any(_contains(c.suffix_ids, _FAIL_ON_TOKENS) for c in contexts):
             raise RuntimeError("injected selection failure (PIO_FVLM_TEST_FAIL_ON_TOKENS)")
-        return select_tokens(self.pio_proxy, image_contexts, budgets, self.pio_settings)
+        handoff = self.pio_handoff_layer if any(c.handoff for c in contexts) else 0
+        return select(self.pio_proxy, image_contexts, budgets, self.pio_settings, handoff_layer=handoff)
 
     def _embed_text(self, ids: list[int], device: torch.device) -> torch.Tensor:
         tokens = torch.tensor(ids, dtype=torch.long, device=device)

@@ -20,21 +20,25 @@ _current: contextvars.ContextVar[dict | None] = contextvars.ContextVar("pio_fvlm
 
 
 class _TotalsByHash:
-    """Bounded map from multimodal hash to the image's unpruned token count."""
+    """Bounded map from multimodal hash to the image's (kept, unpruned) token counts.
+
+    Kept is not the placeholder's length: a pruned image's placeholder also covers the text
+    rows that take over the proxy's states.
+    """
 
     def __init__(self, capacity: int = 65536) -> None:
-        self._data: OrderedDict[str, int] = OrderedDict()
+        self._data: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._lock = threading.Lock()
         self._capacity = capacity
 
-    def put(self, mm_hash: str, total: int) -> None:
+    def put(self, mm_hash: str, kept: int, total: int) -> None:
         with self._lock:
-            self._data[mm_hash] = total
+            self._data[mm_hash] = (kept, total)
             self._data.move_to_end(mm_hash)
             while len(self._data) > self._capacity:
                 self._data.popitem(last=False)
 
-    def get(self, mm_hash: str) -> int | None:
+    def get(self, mm_hash: str) -> tuple[int, int] | None:
         with self._lock:
             return self._data.get(mm_hash)
 
@@ -53,9 +57,10 @@ def image_token_counts(engine_inputs: Iterable[dict]) -> tuple[int, int] | None:
         hashes = (engine_input.get("mm_hashes") or {}).get("image", [None] * len(placeholders))
         for placeholder, mm_hash in zip(placeholders, hashes):
             seen = True
-            kept += placeholder.length
-            full = IMAGE_TOTALS.get(mm_hash) if mm_hash is not None else None
-            total += placeholder.length if full is None else full
+            counts = IMAGE_TOTALS.get(mm_hash) if mm_hash is not None else None
+            image_kept, image_total = counts or (placeholder.length, placeholder.length)
+            kept += image_kept
+            total += image_total
     return (kept, total) if seen else None
 
 

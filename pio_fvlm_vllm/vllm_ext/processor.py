@@ -17,9 +17,12 @@ from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 from vllm.multimodal.processing.processor import PromptReplacement, PromptUpdate
 
+from vllm.multimodal.inputs import PlaceholderRange
+
 from ..budget import VISUAL_KEEP_FIELD, budget, validate_visual_keep
+from ..positions import handoff_rows
 from ..settings import PioFvlmSettings
-from .context import CONTEXT_FIELD, KEEP_ALL, PromptContext, image_contexts
+from .context import CONTEXT_FIELD, KEEP_ALL, NO_HANDOFF, PromptContext, image_contexts
 from .observability import IMAGE_TOTALS
 
 # Processor kwargs private to the plugin. They take part in the multimodal hash (so the
@@ -70,25 +73,51 @@ class PioFvlmLlavaNextProcessor(LlavaNextMultiModalProcessor):
         size = images.get_image_size(item_idx)
         return self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
 
+    def _handoff_enabled(self) -> bool:
+        depth = self.info.get_hf_config().text_config.num_hidden_layers
+        return self.server_settings().handoff_layer_for(depth) > 0
+
     def _attach_contexts(self, result, inputs, prune: bool) -> None:
         items = result["mm_kwargs"].get("image", [])
         if not items:
             return
         image_token_id = self.info.get_hf_config().image_token_index
         around = image_contexts(list(inputs.prompt), image_token_id) if prune else None
-        placeholders = result["mm_placeholders"]["image"]
+        placeholders = list(result["mm_placeholders"]["image"])
         hashes = result["mm_hashes"]["image"]
+        served_len = len(result["prompt_token_ids"])
+        dropped = 0
         for i, (item, placeholder) in enumerate(zip(items, placeholders)):
+            k = placeholder.length
+            n = self._stock_num_tokens(inputs.mm_data_items, i) if prune else k
+            rows = NO_HANDOFF
+            if prune and i == 0 and k < n and self._handoff_enabled():
+                # Only the first image: its proxy context is exactly the unpruned prompt up to
+                # the next image, so its states there are the full-sequence ones.
+                text_end = placeholders[1].offset if len(placeholders) > 1 else served_len
+                rows = handoff_rows(text_end - (placeholder.offset + k), n, k)
+                if rows:
+                    placeholders[0] = PlaceholderRange(offset=placeholder.offset, length=k + rows)
             if prune:
-                IMAGE_TOTALS.put(hashes[i], self._stock_num_tokens(inputs.mm_data_items, i))
-            if item is None:  # the engine already holds this item, context included
-                continue
-            if prune:
-                prefix, suffix = around[i]
-                ctx = PromptContext(placeholder.length, prefix, suffix)
-            else:
-                ctx = PromptContext(KEEP_ALL, [], [])
-            item[CONTEXT_FIELD] = MultiModalFieldElem(data=ctx.pack(), field=_CONTEXT_FIELD_TYPE)
+                IMAGE_TOTALS.put(hashes[i], k, n)
+            ctx = (PromptContext(k, n, placeholder.offset, placeholder.offset + dropped, rows, *around[i])
+                   if prune else PromptContext(KEEP_ALL, n, placeholder.offset, placeholder.offset + dropped, NO_HANDOFF, [], []))
+            dropped += n - k
+            if item is not None:  # None: the engine already holds this item, context included
+                item[CONTEXT_FIELD] = MultiModalFieldElem(data=ctx.pack(), field=_CONTEXT_FIELD_TYPE)
+        result["mm_placeholders"]["image"] = placeholders
+        self._check_unpruned_length(served_len + dropped)
+
+    def _check_unpruned_length(self, unpruned_len: int) -> None:
+        """Kept tokens keep their unpruned positions, so the unpruned prompt must fit the
+        model's positions as it would without pruning (the same bound stock vLLM applies)."""
+        max_len = self.info.ctx.model_config.max_model_len
+        if unpruned_len > max_len:
+            raise ValueError(
+                f"visual_keep: this prompt is {unpruned_len} tokens before pruning, more than the "
+                f"model's maximum context length of {max_len}; pruned tokens keep their original "
+                f"positions, so the unpruned prompt must fit. Send fewer or smaller images."
+            )
 
     def _get_mm_hashes(self, inputs):
         hashes = super()._get_mm_hashes(inputs)
