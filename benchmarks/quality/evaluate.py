@@ -103,6 +103,9 @@ class Methods:
     def full(self, p, keep):
         return self.ref.last_logits(p, None)
 
+    def pio_fvlm_served(self, p, keep):
+        return self.ref.last_logits(p, self.ref.select(p, keep), "handoff")
+
     def pio_fvlm_input(self, p, keep):
         return self.ref.last_logits(p, self.ref.select(p, keep), "input")
 
@@ -116,13 +119,19 @@ class Methods:
         stage1, budgets = self.ref.visionzip_stage(p, keep)
         return self.ref.last_logits(stage1, self.ref.select(stage1, keep, budgets), "input")
 
-    def random(self, p, keep):
-        kept = [torch.randperm(e - s, generator=self.gen)[: budget(e - s, keep)].sort().values
+    def _random_kept(self, p, keep):
+        return [torch.randperm(e - s, generator=self.gen)[: budget(e - s, keep)].sort().values
                 for s, e in p.image_spans]
-        return self.ref.last_logits(p, kept, "input")
+
+    def random(self, p, keep):
+        return self.ref.last_logits(p, self._random_kept(p, keep), "input_positions")
+
+    def random_handoff(self, p, keep):
+        return self.ref.last_logits(p, self._random_kept(p, keep), "handoff")
 
     def uniform(self, p, keep):
-        return self.ref.last_logits(p, [uniform_stride(e - s, budget(e - s, keep)) for s, e in p.image_spans], "input")
+        kept = [uniform_stride(e - s, budget(e - s, keep)) for s, e in p.image_spans]
+        return self.ref.last_logits(p, kept, "input_positions")
 
     def visionzip(self, p, keep):
         contextual = [max(1, budget(e - s, keep) // 8) if budget(e - s, keep) > 1 else 0 for s, e in p.image_spans]
@@ -135,13 +144,17 @@ class Methods:
         return self.ref.last_logits(self.ref.with_image_tokens(p, images), None)
 
 
+# The plugin's placement: pruned before layer 0, original positions, hand-off after layer h.
+SERVED = "pio_fvlm_served"
 METHODS = {
-    "pio_fvlm (input, = plugin)": "pio_fvlm_input",
-    "pio_fvlm (input, original positions)": "pio_fvlm_input_positions",
+    "pio_fvlm (= plugin: original positions + hand-off)": SERVED,
+    "pio_fvlm (original positions, no hand-off)": "pio_fvlm_input_positions",
+    "pio_fvlm (renumbered positions, the plugin before)": "pio_fvlm_input",
     "pio_fvlm (layer K, paper)": "pio_fvlm_layer_k",
     "pio_fvlm + visionzip": "pio_fvlm_visionzip",
-    "random": "random",
-    "uniform stride": "uniform",
+    "random (original positions)": "random",
+    "random + hand-off (ablation)": "random_handoff",
+    "uniform stride (original positions)": "uniform",
     "visionzip (CLS attention)": "visionzip",
     "downsampled (2-D pooling)": "downsampled",
 }
@@ -176,7 +189,7 @@ def evaluate_hf(checkpoint: Path, scenes: list[int], keeps: list[float], setting
                 s["agree"] += top == full_top
                 s["kl"] += float((full_logp.exp() * (full_logp - logits.log_softmax(-1))).sum())
                 s["n"] += 1
-                if attr == "pio_fvlm_input":
+                if attr == SERVED:
                     served_like[keep].append(processor.tokenizer.decode([top]).strip())
         if (i + 1) % 25 == 0:
             progress(f"HF path: {i + 1}/{len(scenes)} scenes")

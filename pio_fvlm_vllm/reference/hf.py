@@ -22,12 +22,15 @@ import torch
 from ..algorithm import DecoderLayerWeights, ImageContext, ProxyWeights, select_tokens
 from ..algorithm.visionzip import cls_attention, visionzip_compress
 from ..budget import budget
+from ..positions import handoff_rows
 from ..settings import PioFvlmSettings
 from ..vllm_ext.proxy_weights import decoder_shape
 
-# layer_k: the paper. input: the plugin. input_positions: pruned before layer 0 but the kept
-# tokens keep their original positions (what the plugin would give with position overrides).
-Placement = Literal["layer_k", "input", "input_positions"]
+# layer_k: the paper. handoff: the plugin (pruned before layer 0, original positions, and after
+# layer h the first image's kept tokens and the text after it take their unpruned states).
+# input_positions: the same without the hand-off. input: pruned before layer 0 and positions
+# renumbered, as a shorter prompt numbers them.
+Placement = Literal["layer_k", "handoff", "input_positions", "input"]
 PLACEMENTS = get_args(Placement)
 
 
@@ -155,16 +158,49 @@ class HFReference:
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
         prune_at = self.proxy_layers if placement == "layer_k" else 0
+        handoff = self._handoff_rows(prepared, kept) if placement == "handoff" and kept is not None else None
+
+        def run(layer, x, positions):
+            rope = lm.rotary_emb(x, positions)
+            x = layer(x, attention_mask=None, position_ids=positions, position_embeddings=rope)
+            return x[0] if isinstance(x, tuple) else x
+
+        if handoff is not None:
+            full, full_positions = x, positions
+            for layer in lm.layers[: self.handoff_layer]:
+                full = run(layer, full, full_positions)
         for i, layer in enumerate(lm.layers):
             if i == prune_at and kept is not None:
                 x, positions = x[:, keep_mask], positions[:, keep_mask]
-                if placement == "input":  # as served: a shorter prompt, numbered from 0
+                if placement == "input":  # a shorter prompt, numbered from 0
                     positions = torch.arange(x.shape[1], device=x.device)[None]
-            rope = lm.rotary_emb(x, positions)
-            x = layer(x, attention_mask=None, position_ids=positions, position_embeddings=rope)
-            x = x[0] if isinstance(x, tuple) else x
+            if handoff is not None and i == self.handoff_layer:
+                served_rows, original_rows = handoff
+                x = x.clone()
+                x[:, served_rows] = full[:, original_rows]
+            x = run(layer, x, positions)
         h = lm.norm(x[:, -1])
         return self.model.lm_head(h)[0]
+
+    @property
+    def handoff_layer(self) -> int:
+        return self.settings.handoff_layer_for(self.model.config.text_config.num_hidden_layers)
+
+    def _handoff_rows(self, prepared: PreparedPrompt, kept: list[torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows of the pruned sequence, rows of the unpruned one) that the served prefill hands
+        off after layer h: the first image's kept tokens and the text after it (as the plugin's
+        processor and model choose them), or None when nothing is handed off."""
+        if self.handoff_layer == 0 or not prepared.image_spans:
+            return None
+        (start, end), idx = prepared.image_spans[0], kept[0].to(prepared.embeds.device)
+        n, k = end - start, idx.numel()
+        if k == n:
+            return None
+        text_end = prepared.image_spans[1][0] if len(prepared.image_spans) > 1 else prepared.embeds.shape[0]
+        rows = handoff_rows(text_end - end, n, k)
+        original = torch.cat([start + idx, end + torch.arange(rows, device=idx.device)])
+        return start + torch.arange(k + rows, device=idx.device), original
 
     @torch.no_grad()
     def generate(self, prepared: PreparedPrompt, kept: list[torch.Tensor] | None, max_new_tokens: int = 8,

@@ -29,11 +29,11 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..algorithm import ImageContext, ProxyWeights, Selection, select, uniform_stride
-from ..positions import NUM_DIGITS, POSITION_COLUMNS, ImageSpan, decode_digits, encode_digits, original_positions
 from ..settings import PioFvlmSettings
 from .context import CONTEXT_FIELD, PromptContext
 from .engine_config import missing_engine_config
 from .handoff import HandoffBuffers
+from .positions_hook import PositionsHook, initial_positions, served_rows
 from .processor import PioFvlmLlavaNextProcessor
 from .stats import SELECTION_STATS
 
@@ -65,12 +65,6 @@ def _as_list(batched: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tenso
     return list(batched.unbind(0)) if isinstance(batched, torch.Tensor) else list(batched)
 
 
-def _feature_context(feature) -> PromptContext | None:
-    data = feature.data
-    elem = None if data is None else data.get(CONTEXT_FIELD)
-    return None if elem is None else PromptContext.unpack(elem.data)
-
-
 @MULTIMODAL_REGISTRY.register_processor(
     PioFvlmLlavaNextProcessor,
     info=LlavaNextProcessingInfo,
@@ -97,7 +91,6 @@ class PioFvlmLlavaNextForConditionalGeneration(
         self.pio_proxy_layers = self.pio_settings.proxy_layer_for(text_config.num_hidden_layers)
         self.pio_handoff_layer = self.pio_settings.handoff_layer_for(text_config.num_hidden_layers)
         self.pio_tp_size = vllm_config.parallel_config.tensor_parallel_size
-        self.pio_hidden_size = text_config.hidden_size
         self.pio_proxy: ProxyWeights | None = None
         self.quant_method = ProxySnapshotHook()
         self.pio_handoff: HandoffBuffers | None = None
@@ -109,6 +102,7 @@ class PioFvlmLlavaNextForConditionalGeneration(
             )
             layer = self.language_model.model.layers[self.pio_handoff_layer - 1]
             layer.register_forward_hook(self.pio_handoff.after_layer)
+        self.pio_positions = PositionsHook(text_config.hidden_size, self.pio_handoff)
         self._extend_rotary_table(text_config.max_position_embeddings + vllm_config.model_config.max_model_len)
 
     def _extend_rotary_table(self, num_positions: int) -> None:
@@ -131,44 +125,13 @@ class PioFvlmLlavaNextForConditionalGeneration(
                 logger.warning("PIO-FVLM: rotary table of %s not extended; decode positions past %d "
                                "are not supported", type(rope).__name__, cache.shape[0])
 
-    # -- positions (vLLM's M-RoPE pruning hook) -------------------------------------------
+    # -- positions (vLLM's M-RoPE pruning hook, see positions_hook.py) ---------------------
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
-        """Unpruned positions for every row; kept image rows provisional until selection."""
-        spans = []
-        for feature in mm_features:
-            ctx = _feature_context(feature)
-            if ctx is not None and ctx.pruned:
-                spans.append(ImageSpan(feature.mm_position.offset, ctx.num_keep, ctx.num_tokens))
-        positions, shift = original_positions(len(input_tokens), spans)
-        return positions.expand(3, -1).clone(), shift
+        return initial_positions(len(input_tokens), mm_features)
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings: Sequence[torch.Tensor],
                                   mrope_positions: torch.Tensor, num_computed_tokens: int):
-        """Writes the original positions carried in the rows' trailing digit columns, stashes
-        hand-off states, and strips both. Called for every request on every V1 step."""
-        width = self.pio_hidden_size
-        if not any(e.shape[-1] > width for e in multimodal_embeddings):
-            return multimodal_embeddings, mrope_positions, self._position_delta(mrope_positions)
-        positions = mrope_positions.clone()
-        stripped = []
-        for rows in multimodal_embeddings:
-            if rows.shape[-1] > width:
-                digits = rows[:, -POSITION_COLUMNS:]
-                served = decode_digits(digits[:, :NUM_DIGITS]).to(positions.device)
-                original = decode_digits(digits[:, NUM_DIGITS:]).to(positions.device, positions.dtype)
-                positions[:, served] = original
-                if rows.shape[-1] == 2 * width + POSITION_COLUMNS and self.pio_handoff is not None:
-                    marks = self.pio_handoff.stash(rows[:, width : 2 * width])
-                    positions[1, served] = marks.to(positions.device, positions.dtype)
-                rows = rows[:, :width]
-            stripped.append(rows)
-        return stripped, positions, self._position_delta(positions)
-
-    @staticmethod
-    def _position_delta(positions: torch.Tensor) -> int:
-        # The last prompt row is text, whose position is final from the start: decode
-        # positions continue from it (vLLM adds this delta to the served index).
-        return int(positions[0, -1]) + 1 - positions.shape[1]
+        return self.pio_positions.recompute(multimodal_embeddings, mrope_positions)
 
     def forward(self, input_ids, positions: torch.Tensor, intermediate_tensors=None, inputs_embeds=None,
                 **kwargs):
@@ -226,34 +189,15 @@ class PioFvlmLlavaNextForConditionalGeneration(
         selection, failed = self._kept_indices([embeddings[i] for i in todo], [contexts[i] for i in todo])
         seen = [embeddings[i].shape[0] for i in todo]
         for j, i in enumerate(todo):
-            embeddings[i] = self._served_rows(embeddings[i], selection.kept[j], contexts[i],
-                                              selection.handoff_states[j])
+            ctx, kept = contexts[i], selection.kept[j].to(embeddings[i].device)
+            embeds = embeddings[i][kept]
+            if ctx.handoff_rows > 0:
+                text = self._embed_text(ctx.suffix_ids[: ctx.handoff_rows], embeds.device)
+                embeds = torch.cat([embeds, text.to(embeds.dtype)])
+            embeddings[i] = served_rows(embeds, kept, ctx, selection.handoff_states[j])
         SELECTION_STATS.record(seen, [idx.numel() for idx in selection.kept], time.perf_counter() - start,
                                failed)
         return embeddings
-
-    def _served_rows(self, image: torch.Tensor, kept: torch.Tensor, ctx: PromptContext,
-                     states: torch.Tensor | None) -> torch.Tensor:
-        """The image's placeholder rows: [input embedding | hand-off state | digit columns].
-
-        Rows: the kept tokens, then (with a hand-off) the text after the image. The digit
-        columns carry each row's served index and original position for the pruning hook.
-        """
-        kept = kept.to(image.device)
-        rows = max(ctx.handoff_rows, 0)
-        arange = torch.arange(rows, device=image.device)
-        served = ctx.served_offset + torch.arange(kept.numel() + rows, device=image.device)
-        original = torch.cat([ctx.original_offset + kept, ctx.original_offset + ctx.num_tokens + arange])
-        embeds = image[kept]
-        if rows:
-            embeds = torch.cat([embeds, self._embed_text(ctx.suffix_ids[:rows], image.device).to(embeds.dtype)])
-        columns = [embeds]
-        if ctx.handoff and states is not None:
-            start = len(ctx.prefix_ids)
-            text = start + ctx.num_tokens + arange
-            columns.append(states[torch.cat([start + kept, text])].to(embeds.dtype))
-        columns += [encode_digits(served, embeds.dtype), encode_digits(original, embeds.dtype)]
-        return torch.cat(columns, dim=-1)
 
     def _kept_indices(self, images: list[torch.Tensor], contexts: list[PromptContext]) -> tuple[Selection, bool]:
         """Kept indices (and hand-off states) per image, and whether any image's selection failed.

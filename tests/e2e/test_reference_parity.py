@@ -12,7 +12,7 @@ from .helpers import QUESTION_B, chat, messages
 
 
 @pytest.mark.parametrize("keep", [0.3, 0.111])
-def test_server_matches_hf_reference_with_input_placement(client, model_name, tiny_checkpoint, keep):
+def test_server_matches_hf_reference_with_served_placement(client, model_name, tiny_checkpoint, keep):
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     from pio_fvlm_vllm.reference import HFReference
@@ -32,7 +32,7 @@ def test_server_matches_hf_reference_with_input_placement(client, model_name, ti
     prepared = ref.prepare(prompt, [synthetic_image(640, 480, seed=seed)], add_special_tokens=False)
     assert prepared.input_ids.numel() - sum(e - s for s, e in prepared.image_spans) + \
         sum(k.numel() for k in ref.select(prepared, keep)) == reply.usage.prompt_tokens
-    logprobs = torch.log_softmax(ref.last_logits(prepared, ref.select(prepared, keep), "input").double(), -1)
+    logprobs = torch.log_softmax(ref.last_logits(prepared, ref.select(prepared, keep), "handoff").double(), -1)
     token = int(logprobs.argmax())
     assert processor.tokenizer.convert_ids_to_tokens(token) == first.token or \
         processor.tokenizer.decode([token]) == first.token

@@ -1,0 +1,100 @@
+"""Pruned tokens at their original positions through vLLM's M-RoPE pruning hook.
+
+The engine asks the model for a request's positions when the request arrives
+(`get_mrope_input_positions`), before selection has run; every row but the kept image rows is
+final then. After the multimodal embedding step, in the same engine step and before the
+forward pass, the engine hands each request's embedding rows to `recompute_mrope_positions`:
+each row of a pruned image carries its served index and original position in trailing digit
+columns (and, for hand-off rows, its layer-h state), so the hook needs no chunk arithmetic and
+gives the same answer under chunked prefill, prefix-cache hits, preemption and re-gathers.
+
+The positions are three identical rows (M-RoPE with equal rows is plain RoPE); row 1 also
+carries hand-off marks (see `handoff.py`). Decode positions are `served index + delta`, with
+delta = Σ(N - k), on both the V1 runner and Model Runner V2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..positions import NUM_DIGITS, POSITION_COLUMNS, ImageSpan, decode_digits, encode_digits, original_positions
+from .context import CONTEXT_FIELD, PromptContext
+from .handoff import HandoffBuffers
+
+NUM_POSITION_ROWS = 3
+
+
+def feature_context(feature) -> PromptContext | None:
+    """The plugin's context of a `MultiModalFeatureSpec`, None when it has none."""
+    data = feature.data
+    elem = None if data is None else data.get(CONTEXT_FIELD)
+    return None if elem is None else PromptContext.unpack(elem.data)
+
+
+def initial_positions(num_tokens: int, mm_features: Sequence) -> tuple[torch.Tensor, int]:
+    """(3, num_tokens) positions of the unpruned prompt and the decode delta Σ(N - k)."""
+    spans = []
+    for feature in mm_features:
+        ctx = feature_context(feature)
+        if ctx is not None and ctx.pruned:
+            spans.append(ImageSpan(feature.mm_position.offset, ctx.num_keep, ctx.num_tokens))
+    positions, shift = original_positions(num_tokens, spans)
+    return positions.expand(NUM_POSITION_ROWS, -1).clone(), shift
+
+
+def served_rows(embeds: torch.Tensor, kept: torch.Tensor, ctx: PromptContext, states: torch.Tensor | None
+                ) -> torch.Tensor:
+    """The rows of a pruned image's placeholder: [input embedding | hand-off state | digits].
+
+    embeds: (k + R, D) the kept tokens' embeddings, then the R = handoff_rows text rows after
+    the image. states: (L, D) the proxy's states over [prefix, N image tokens, suffix], or None
+    (no hand-off, or a selection that fell back). The digit columns hold each row's served
+    index and original position.
+    """
+    rows = max(ctx.handoff_rows, 0)
+    device = embeds.device
+    kept = kept.to(device)
+    text = torch.arange(rows, device=device)
+    served = ctx.served_offset + torch.arange(kept.numel() + rows, device=device)
+    original = torch.cat([ctx.original_offset + kept, ctx.original_offset + ctx.num_tokens + text])
+    columns = [embeds]
+    if ctx.handoff and states is not None:
+        start = len(ctx.prefix_ids)
+        columns.append(states[torch.cat([start + kept, start + ctx.num_tokens + text])].to(embeds.dtype))
+    columns += [encode_digits(served, embeds.dtype), encode_digits(original, embeds.dtype)]
+    return torch.cat(columns, dim=-1)
+
+
+class PositionsHook:
+    """`recompute_mrope_positions` for embeddings `hidden_size` wide plus trailing columns."""
+
+    def __init__(self, hidden_size: int, handoff: HandoffBuffers | None) -> None:
+        self.hidden_size = hidden_size
+        self.handoff = handoff
+
+    def recompute(self, embeddings: Sequence[torch.Tensor], positions: torch.Tensor
+                  ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
+        width = self.hidden_size
+        if not any(rows.shape[-1] > width for rows in embeddings):
+            # V1 calls this for every request on every step: stay O(1) without pruned rows.
+            return embeddings, positions, self.delta(positions)
+        positions = positions.clone()
+        stripped = []
+        for rows in embeddings:
+            if rows.shape[-1] > width:
+                digits = rows[:, -POSITION_COLUMNS:]
+                served = decode_digits(digits[:, :NUM_DIGITS]).to(positions.device)
+                positions[:, served] = decode_digits(digits[:, NUM_DIGITS:]).to(positions.device, positions.dtype)
+                if rows.shape[-1] == 2 * width + POSITION_COLUMNS and self.handoff is not None:
+                    marks = self.handoff.stash(rows[:, width : 2 * width])
+                    positions[1, served] = marks.to(positions.device, positions.dtype)
+                rows = rows[:, :width]
+            stripped.append(rows)
+        return stripped, positions, self.delta(positions)
+
+    @staticmethod
+    def delta(positions: torch.Tensor) -> int:
+        # The last prompt row is text, final from the start; decode continues after it.
+        return int(positions[0, -1]) + 1 - positions.shape[1]

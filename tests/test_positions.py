@@ -1,0 +1,171 @@
+"""Original positions and the hand-off, below the engine: the pure functions, the pruning hook
+the engine calls, and Model Runner V2's own pruning helper driving it on CPU tensors."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pio_fvlm_vllm.positions import (
+    POSITION_COLUMNS, ImageSpan, decode_digits, encode_digits, handoff_rows, original_positions,
+)
+from pio_fvlm_vllm.vllm_ext.context import CONTEXT_FIELD, KEEP_ALL, NO_HANDOFF, PromptContext
+from pio_fvlm_vllm.vllm_ext.handoff import HandoffBuffers
+from pio_fvlm_vllm.vllm_ext.positions_hook import PositionsHook, initial_positions, served_rows
+
+D = 8
+
+
+def test_original_positions_one_image():
+    # served: 3 text, 4 kept of 10 image tokens, 5 text
+    pos, shift = original_positions(12, [ImageSpan(3, 4, 10)])
+    assert shift == 6
+    assert pos.tolist() == [0, 1, 2, 3, 4, 5, 6, 13, 14, 15, 16, 17]
+
+
+def test_original_positions_two_adjacent_images_and_text_only():
+    pos, shift = original_positions(9, [ImageSpan(1, 2, 5), ImageSpan(3, 3, 4), ])
+    assert shift == 4
+    assert pos.tolist() == [0, 1, 2, 6, 7, 8, 10, 11, 12]
+    assert original_positions(4, [])[0].tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="outside a prompt"):
+        original_positions(4, [ImageSpan(3, 4, 10)])
+
+
+def test_handoff_rows_never_exceed_the_dropped_tokens():
+    assert handoff_rows(text_after=20, num_tokens=100, num_keep=11) == 20
+    assert handoff_rows(text_after=20, num_tokens=30, num_keep=15) == 15
+    assert handoff_rows(text_after=0, num_tokens=30, num_keep=3) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_digits_round_trip_exactly_in_every_dtype(dtype):
+    values = torch.tensor([0, 255, 256, 257, 2927, 65535, 10**6, 256**3 - 1])
+    assert torch.equal(decode_digits(encode_digits(values, dtype)), values)
+    # A plain cast would not be exact: this is why positions travel as digits.
+    assert dtype == torch.float32 or not torch.equal(values.to(dtype).long(), values)
+    with pytest.raises(ValueError, match="does not fit"):
+        encode_digits(torch.tensor([256**3]), dtype)
+
+
+def test_context_round_trip_and_malformed():
+    ctx = PromptContext(5, 40, 3, 7, 2, [1, 2, 3], [9, 8])
+    assert PromptContext.unpack(ctx.pack()) == ctx
+    assert ctx.pruned and ctx.handoff
+    assert not PromptContext(KEEP_ALL, 40, 3, 3, NO_HANDOFF, [], []).pruned
+    with pytest.raises(ValueError, match="malformed"):
+        PromptContext.unpack(torch.tensor([5, 40, 3, 7, 2, 99, 1]))
+
+
+def _feature(ctx: PromptContext, offset: int, length: int):
+    from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem, PlaceholderRange
+
+    elem = MultiModalFieldElem(data=ctx.pack(), field=MultiModalBatchedField(keep_on_cpu=True))
+    return SimpleNamespace(data={CONTEXT_FIELD: elem}, mm_position=PlaceholderRange(offset=offset, length=length))
+
+
+def _prompt_with_one_image(handoff: int):
+    """served prompt: 3 text, 4 kept of N=10 image tokens, then 5 text (handoff of them in range)."""
+    ctx = PromptContext(4, 10, 3, 3, handoff, [11, 12, 13], [21, 22, 23, 24, 25])
+    return ctx, [_feature(ctx, 3, 4 + max(handoff, 0))]
+
+
+def _rows(ctx, kept, states=None):
+    embeds = torch.randn(kept.numel() + max(ctx.handoff_rows, 0), D)
+    return embeds, served_rows(embeds, kept, ctx, states)
+
+
+def test_hook_writes_original_positions_of_kept_rows_in_any_chunking():
+    ctx, features = _prompt_with_one_image(NO_HANDOFF)
+    positions, delta = initial_positions(12, features)
+    assert delta == 6 and positions.shape == (3, 12)
+    kept = torch.tensor([0, 4, 5, 9])
+    embeds, rows = _rows(ctx, kept)
+    assert rows.shape == (4, D + POSITION_COLUMNS)
+    hook = PositionsHook(D, handoff=None)
+    expected = [0, 1, 2, 3, 7, 8, 12, 13, 14, 15, 16, 17]
+    whole, new, d = hook.recompute([rows], positions)
+    assert new[0].tolist() == new[2].tolist() == expected and d == 6
+    assert torch.equal(whole[0], embeds)
+    # The image split across two chunks: each chunk's rows place themselves.
+    step = positions
+    for part in (rows[:1], rows[1:]):
+        _, step, d = hook.recompute([part], step)
+    assert step[0].tolist() == expected and d == 6
+    # Steps without pruned rows (decode, text-only) return the same tensor and delta.
+    same, again, d = hook.recompute([], new)
+    assert again is new and d == 6 and same == []
+
+
+def test_hook_stashes_handoff_states_and_marks_their_rows():
+    ctx, features = _prompt_with_one_image(handoff=3)
+    positions, _ = initial_positions(12, features)
+    kept = torch.tensor([1, 2, 6, 7])
+    states = torch.randn(3 + 10 + 5, D)  # proxy sequence: prefix, image, suffix
+    _, rows = _rows(ctx, kept, states)
+    assert rows.shape == (7, 2 * D + POSITION_COLUMNS)
+    buffers = HandoffBuffers(max_tokens=32, hidden_size=D, dtype=torch.float32)
+    _, new, delta = PositionsHook(D, buffers).recompute([rows], positions)
+    assert new[0].tolist() == [0, 1, 2, 4, 5, 9, 10, 13, 14, 15, 16, 17] and delta == 6
+    marks = new[1]
+    assert (marks[3:10] < 0).all() and (marks[:3] >= 0).all() and (marks[10:] >= 0).all()
+    # The forward of this step: its tokens are the request's rows 3..11.
+    buffers.load(marks[3:])
+    taken = torch.cat([3 + kept, torch.tensor([13, 14, 15])])
+    assert buffers.mask[:9].tolist() == [True] * 7 + [False] * 2
+    assert torch.equal(buffers.states[:7], states[taken])
+
+
+def test_handoff_layer_hook_replaces_marked_rows_and_leaves_the_rest_bit_identical():
+    buffers = HandoffBuffers(max_tokens=16, hidden_size=D, dtype=torch.float32)
+    state = torch.randn(2, D)
+    marks = buffers.stash(state)
+    buffers.load(torch.tensor([0, marks[0].item(), 2, marks[1].item(), 4]))
+    hidden, residual = torch.randn(5, D), torch.randn(5, D)
+    out_h, out_r = buffers.after_layer(None, (), (hidden, residual))
+    assert torch.equal(out_h[[1, 3]], state) and torch.equal(out_r[[1, 3]], torch.zeros(2, D))
+    assert torch.equal(out_h[[0, 2, 4]], hidden[[0, 2, 4]]) and torch.equal(out_r[[0, 2, 4]], residual[[0, 2, 4]])
+    buffers.clear()
+    out_h, out_r = buffers.after_layer(None, (), (hidden, residual))
+    assert torch.equal(out_h, hidden) and torch.equal(out_r, residual)
+
+
+def test_model_runner_v2_pruning_helper_drives_the_hook_on_cpu_tensors():
+    """MRV2's `MultiModalPruner.recompute` (the CUDA default runner) segments the step's
+    embeddings per request, calls the model's hook and writes the positions back."""
+    from vllm.v1.worker.gpu.model_states.mm_pruning import MultiModalPruner
+
+    ctx, features = _prompt_with_one_image(handoff=3)
+    positions, delta = initial_positions(12, features)
+    kept = torch.tensor([0, 3, 6, 9])
+    embeds, rows = _rows(ctx, kept, torch.randn(18, D))
+    buffers = HandoffBuffers(max_tokens=32, hidden_size=D, dtype=torch.float32)
+    hook = PositionsHook(D, buffers)
+
+    class RopeState:  # RopeState's two methods the pruner uses, over a CPU int32 table
+        table = positions.to(torch.int32).clone()
+        deltas = {}
+
+        def read_prefill_positions(self, req_idx, length):
+            return self.table[:, :length]
+
+        def update_prefill_positions(self, req_idx, new, delta):
+            self.table[:, : new.shape[1]].copy_(new)
+            self.deltas[req_idx] = delta
+
+    model = SimpleNamespace(recompute_mrope_positions=lambda input_ids, multimodal_embeddings, mrope_positions,
+                            num_computed_tokens: hook.recompute(multimodal_embeddings, mrope_positions))
+    rope = RopeState()
+    encoder_cache = SimpleNamespace(mm_features={"r": features})
+    batch = SimpleNamespace(req_ids=["r"], idx_mapping_np=torch.tensor([0]).numpy(),
+                            prefill_len_np=torch.tensor([12]).numpy(),
+                            num_computed_prefill_tokens_np=torch.tensor([0]).numpy(),
+                            num_scheduled_tokens=torch.tensor([12]).numpy())
+    req_states = SimpleNamespace(all_token_ids=SimpleNamespace(gpu=torch.arange(12)[None]))
+    pruner = MultiModalPruner(model, rope, encoder_cache, inputs_embeds_size=D)
+    (cleaned,) = pruner.recompute([rows], batch, req_states)
+    assert torch.equal(cleaned, embeds)
+    assert rope.table[0].tolist() == [0, 1, 2, 3, 6, 9, 12, 13, 14, 15, 16, 17]
+    assert (rope.table[1, 3:10] < 0).all() and rope.deltas[0] == delta == 6
+    # MRV2 decode positions are num_computed + i + delta (rope.py's kernel): the unpruned ones.
+    assert 12 + rope.deltas[0] == 18
