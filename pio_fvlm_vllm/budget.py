@@ -31,11 +31,13 @@ def validate_visual_keep(value: Any, field: str = VISUAL_KEEP_FIELD) -> float:
     return keep
 
 
-def budget(num_tokens: int, visual_keep: float) -> int:
+def budget(num_tokens: int, visual_keep: float, reference_tokens: int | None = None) -> int:
     """Number of image tokens kept out of `num_tokens` at ratio `visual_keep`.
 
     Rounds half up (2880 tokens at 0.111 keep 320, the paper's LLaVA-NeXT budget), never
-    keeps fewer than one token, never more than `num_tokens`.
+    keeps fewer than one token, never more than `num_tokens`. With `reference_tokens` (the
+    paper's convention, an absolute count) the ratio applies to that count instead of N:
+    every image keeps round(reference * keep) tokens, or all of its N if it has fewer.
     """
     if num_tokens < 0:
         raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
@@ -44,6 +46,7 @@ def budget(num_tokens: int, visual_keep: float) -> int:
         return 0
     if keep == 1.0:
         return num_tokens
+    base = num_tokens if reference_tokens is None else reference_tokens
     # The small epsilon absorbs binary representation error (0.5 * 3 must round to 2).
-    k = math.floor(num_tokens * keep + 0.5 + 1e-9)
+    k = math.floor(base * keep + 0.5 + 1e-9)
     return max(1, min(num_tokens, k))

@@ -9,11 +9,21 @@ from __future__ import annotations
 import os
 from typing import Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .budget import validate_visual_keep
 
 ENV_PREFIX = "PIO_FVLM_"
+
+# What `scoring="official"` means, as the authors' code scores (see METHOD.md); each can still
+# be set on its own. The gradient is taken at the output of layer K through layer K + 1, so the
+# proxy runs one more layer than `proxy_layer`.
+OFFICIAL_SCORING = {
+    "loss_positions": "four_before_last",
+    "saliency": "grad_norm",
+    "nms_threshold": 0.8,
+    "nms_inclusive": True,
+}
 
 # Decoder layer whose output the proxy loss reads, by number of decoder layers. The paper
 # prunes LLaVA-NeXT-7B (32 layers) at layer 2; shallower models keep the same share.
@@ -41,8 +51,21 @@ class PioFvlmSettings(BaseModel):
         description="encoder_free: gradient saliency + NMS over all image tokens. "
         "encoder_involved: a VisionZip-style stage (CLS attention) first, then the gradient stage.",
     )
+    budget: Literal["ratio", "paper"] = Field(
+        "ratio",
+        description="ratio: an image of N tokens keeps round(N * keep). paper: the paper's "
+        "tables' convention, an absolute count: every image keeps round(M * keep), M the "
+        "model's largest image token count (2880 for LLaVA-NeXT: 320 at 0.111), at most N.",
+    )
+    scoring: Literal["project", "official"] = Field(
+        "project",
+        description="project: the defaults below. official: the authors' code (loss on the 4 "
+        "positions before the last prompt token through layer K + 1, ||g||, NMS at >= 0.8); "
+        "settings given explicitly still win.",
+    )
     proxy_layer: int | None = Field(
-        None, ge=1, description="K: the proxy runs decoder layers 1..K. None: per-model default."
+        None, ge=1, description="K: the proxy runs decoder layers 1..K (1..K+1 with official "
+        "scoring). None: per-model default."
     )
     backprop_layers: int = Field(
         1,
@@ -54,6 +77,11 @@ class PioFvlmSettings(BaseModel):
         description="logit_lens: cross-entropy of the last prompt token's layer-K state, read "
         "through the final norm and LM head, against its own top-1 token. state: the layer-K "
         "state projected on its own (detached) direction.",
+    )
+    loss_positions: Literal["last", "four_before_last"] = Field(
+        "last",
+        description="Where the proxy loss reads layer K: the last prompt token, or the 4 "
+        "positions before it (the authors' code).",
     )
     saliency: Literal["grad_x_input", "grad_norm"] = Field(
         "grad_x_input",
@@ -75,6 +103,9 @@ class PioFvlmSettings(BaseModel):
         description="Cosine similarity above which a token is suppressed by a kept one; 1.0 turns "
         "NMS off (plain top-k by saliency).",
     )
+    nms_inclusive: bool = Field(
+        False, description="Suppress at similarity >= threshold instead of > threshold."
+    )
     visionzip_dominant: float = Field(
         0.5,
         gt=0.0,
@@ -88,6 +119,13 @@ class PioFvlmSettings(BaseModel):
         description="encoder_involved: share of tokens the VisionZip stage adds as merged context.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _official_defaults(cls, values: object) -> object:
+        if isinstance(values, dict) and values.get("scoring") == "official":
+            return {**OFFICIAL_SCORING, **values}
+        return values
+
     @field_validator("visual_keep", mode="before")
     @classmethod
     def _check_keep(cls, value: object) -> float:
@@ -95,7 +133,7 @@ class PioFvlmSettings(BaseModel):
 
     def proxy_layer_for(self, num_hidden_layers: int) -> int:
         """K for a model of this depth; also checks that backprop_layers fits within K."""
-        k = self.proxy_layer or default_proxy_layer(num_hidden_layers)
+        k = (self.proxy_layer or default_proxy_layer(num_hidden_layers)) + (self.scoring == "official")
         if k > num_hidden_layers:
             raise ValueError(
                 f"proxy_layer must be in [1, {num_hidden_layers}] for this model, got {k}"
@@ -128,7 +166,11 @@ class PioFvlmSettings(BaseModel):
             if raw is None or raw == "":
                 continue
             annotation = field.annotation
-            if name == "visual_keep" or annotation is float:
+            if annotation is bool:
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(f"{ENV_PREFIX}{name.upper()} must be true or false, got {raw!r}")
+                values[name] = raw.lower() in ("true", "1")
+            elif name == "visual_keep" or annotation is float:
                 try:
                     values[name] = float(raw)
                 except ValueError:

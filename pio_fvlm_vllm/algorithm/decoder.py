@@ -186,6 +186,43 @@ def decoder_layer(
     return x + _reduce_from_tp(mlp, tp_group)
 
 
+def decoder_layer_at(
+    x: torch.Tensor,
+    w: DecoderLayerWeights,
+    shape: DecoderShape,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    at: torch.Tensor,
+    tp_group=None,
+) -> torch.Tensor:
+    """x: (B, L, D), at: (B, P) positions -> (B, P, D): the layer's output at those positions only.
+
+    Exactly `decoder_layer(...)[b, at[b]]`, at a fraction of the cost: every position still
+    contributes its key and value, but only P queries attend and P tokens run the MLP. This is
+    all the proxy loss needs from the last proxy layer.
+    """
+    bsz, seq, _ = x.shape
+    num = at.shape[1]
+    rows = torch.arange(bsz, device=x.device)[:, None]
+    h = _copy_to_tp(rms_norm(x, w.input_norm, shape.rms_norm_eps), tp_group)
+    q = F.linear(h[rows, at], w.q_proj, w.q_bias).view(bsz, num, shape.num_heads, shape.head_dim).transpose(1, 2)
+    k = F.linear(h, w.k_proj, w.k_bias).view(bsz, seq, shape.num_kv_heads, shape.head_dim).transpose(1, 2)
+    v = F.linear(h, w.v_proj, w.v_bias).view(bsz, seq, shape.num_kv_heads, shape.head_dim).transpose(1, 2)
+    # cos/sin: (B, 1, L, Dh) -> the queries' rows (B, 1, P, Dh)
+    q = apply_rotary(q, cos[rows, 0, at][:, None], sin[rows, 0, at][:, None])
+    k = apply_rotary(k, cos, sin)
+    if k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    visible = torch.arange(seq, device=x.device)[None, None, :] <= at[:, :, None]  # (B, P, L)
+    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])  # (B, H, P, Dh)
+    out = x[rows, at] + _reduce_from_tp(F.linear(attn.transpose(1, 2).reshape(bsz, num, -1), w.o_proj), tp_group)
+    h = _copy_to_tp(rms_norm(out, w.post_norm, shape.rms_norm_eps), tp_group)
+    mlp = F.linear(F.silu(F.linear(h, w.gate_proj)) * F.linear(h, w.up_proj), w.down_proj)
+    return out + _reduce_from_tp(mlp, tp_group)
+
+
 def decoder_layer_last(
     x: torch.Tensor,
     w: DecoderLayerWeights,
@@ -195,28 +232,5 @@ def decoder_layer_last(
     last: torch.Tensor,
     tp_group=None,
 ) -> torch.Tensor:
-    """x: (B, L, D), last: (B,) -> (B, D): the layer's output at position `last[b]` only.
-
-    Exactly `decoder_layer(...)[b, last[b]]`, at a fraction of the cost: every position still
-    contributes its key and value, but only one query attends and one token runs the MLP.
-    This is all the proxy loss needs from the last proxy layer.
-    """
-    bsz, seq, _ = x.shape
-    rows = torch.arange(bsz, device=x.device)
-    h = _copy_to_tp(rms_norm(x, w.input_norm, shape.rms_norm_eps), tp_group)
-    h_last = h[rows, last][:, None]  # (B, 1, D)
-    q = F.linear(h_last, w.q_proj, w.q_bias).view(bsz, 1, shape.num_heads, shape.head_dim).transpose(1, 2)
-    k = F.linear(h, w.k_proj, w.k_bias).view(bsz, seq, shape.num_kv_heads, shape.head_dim).transpose(1, 2)
-    v = F.linear(h, w.v_proj, w.v_bias).view(bsz, seq, shape.num_kv_heads, shape.head_dim).transpose(1, 2)
-    q = apply_rotary(q, cos[rows, :, last][:, :, None], sin[rows, :, last][:, :, None])
-    k = apply_rotary(k, cos, sin)
-    if k.shape[1] != q.shape[1]:
-        groups = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    visible = torch.arange(seq, device=x.device)[None, :] <= last[:, None]  # (B, L)
-    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])  # (B, H, 1, Dh)
-    out = x[rows, last] + _reduce_from_tp(F.linear(attn.reshape(bsz, -1), w.o_proj), tp_group)
-    h = _copy_to_tp(rms_norm(out, w.post_norm, shape.rms_norm_eps), tp_group)
-    mlp = F.linear(F.silu(F.linear(h, w.gate_proj)) * F.linear(h, w.up_proj), w.down_proj)
-    return out + _reduce_from_tp(mlp, tp_group)
+    """x: (B, L, D), last: (B,) -> (B, D): `decoder_layer_at` at one position per sequence."""
+    return decoder_layer_at(x, w, shape, cos, sin, last[:, None], tp_group)[:, 0]

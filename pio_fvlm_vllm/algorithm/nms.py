@@ -11,9 +11,10 @@ def nms_select(
     features: torch.Tensor,  # (B, N, D)
     num_keep: list[int],
     threshold: float,
+    inclusive: bool = False,
 ) -> list[torch.Tensor]:
     """Greedy NMS: take the most salient token left, suppress tokens whose cosine similarity to
-    it exceeds `threshold`, repeat until each row has its budget. When every token is kept or
+    it exceeds `threshold` (or equals it, when `inclusive`), repeat until each row has its budget. When every token is kept or
     suppressed before the budget is met, suppressed tokens fill it in saliency order, so exactly
     `num_keep[b]` indices come back, ascending (the tokens' original order).
 
@@ -30,7 +31,7 @@ def nms_select(
     k_max = max(num_keep)
     if k_max == 0:
         return [torch.empty(0, dtype=torch.long, device=scores.device) for _ in num_keep]
-    if threshold >= 1.0:
+    if threshold > 1.0 or (threshold == 1.0 and not inclusive):
         # Nothing can be suppressed: NMS is plain top-k by saliency.
         order = scores.argsort(dim=-1, descending=True, stable=True)
         return [order[b, :k].sort().values for b, k in enumerate(num_keep)]
@@ -48,7 +49,8 @@ def nms_select(
         idx = priority.argmax(dim=-1)  # (B,)
         picked[:, t] = idx
         similarity = torch.einsum("bnd,bd->bn", unit, unit[rows, idx])
-        newly = (similarity > threshold) & ~suppressed & valid
+        above = similarity >= threshold if inclusive else similarity > threshold
+        newly = above & ~suppressed & valid
         priority = torch.where(newly, priority - n, priority)
         suppressed |= newly
         priority[rows, idx] = float("-inf")

@@ -23,7 +23,21 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .decoder import ProxyWeights, decoder_layer, decoder_layer_last, rms_norm, rotary_cos_sin, upcast
+from .decoder import ProxyWeights, decoder_layer, decoder_layer_at, rms_norm, rotary_cos_sin, upcast
+
+LossPositions = Literal["last", "four_before_last"]
+
+
+def loss_rows(lengths: list[int], which: LossPositions, device) -> torch.Tensor:
+    """(B, P) positions whose layer-K states the proxy loss reads.
+
+    last: the last prompt token (its state becomes the first answer token). four_before_last:
+    the four positions before it, S-5..S-2, as the authors' code reads them (clamped at 0)."""
+    if which == "last":
+        return torch.tensor([[n - 1] for n in lengths], device=device)
+    if which == "four_before_last":
+        return torch.tensor([[max(n - o, 0) for o in (5, 4, 3, 2)] for n in lengths], device=device)
+    raise ValueError(f"loss_positions must be 'last' or 'four_before_last', got {which!r}")
 
 
 @dataclass
@@ -88,6 +102,7 @@ def gradient_saliency(
     loss_kind: Literal["logit_lens", "state"] = "logit_lens",
     reduction: Literal["grad_x_input", "grad_norm"] = "grad_x_input",
     handoff_layer: int = 0,
+    loss_positions: LossPositions = "last",
 ) -> Saliency:
     """Scores the image tokens of every context by the gradient of the layer-K proxy loss.
 
@@ -124,10 +139,10 @@ def gradient_saliency(
         x = x_in
         for w in weights.layers[first_grad_layer:-1]:
             x = decoder_layer(x, w, shape, cos, sin, weights.tp_group)
-        # The loss reads the last prompt token of layer K only: that layer runs for it alone.
-        last = torch.tensor([n - 1 for n in lengths], device=x.device)
-        last_states = decoder_layer_last(x, weights.layers[-1], shape, cos, sin, last, weights.tp_group)
-        loss = proxy_loss(last_states, weights, loss_kind)
+        # The loss reads a few positions of layer K only: that layer runs for them alone.
+        at = loss_rows(lengths, loss_positions, x.device)
+        states = decoder_layer_at(x, weights.layers[-1], shape, cos, sin, at, weights.tp_group)
+        loss = proxy_loss(states.flatten(0, 1), weights, loss_kind) / at.shape[1]
         (grad,) = torch.autograd.grad(loss, x_in)
 
     n_max = max(c.num_image_tokens for c in contexts)

@@ -62,8 +62,10 @@ def select(
             loss_kind=settings.proxy_loss,
             reduction=settings.saliency,
             handoff_layer=handoff_layer,
+            loss_positions=settings.loss_positions,
         )
-        kept = nms_select(sal.scores, sal.features, [num_keep[i] for i in todo], settings.nms_threshold)
+        kept = nms_select(sal.scores, sal.features, [num_keep[i] for i in todo], settings.nms_threshold,
+                          inclusive=settings.nms_inclusive)
         for j, (i, idx) in enumerate(zip(todo, kept)):
             result[i] = idx
             if sal.handoff_states is not None:

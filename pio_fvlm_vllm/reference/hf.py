@@ -145,8 +145,13 @@ class HFReference:
     # -- forward ------------------------------------------------------------------------
     @torch.no_grad()
     def last_logits(self, prepared: PreparedPrompt, kept: list[torch.Tensor] | None,
-                    placement: Placement = "layer_k") -> torch.Tensor:
-        """Next-token logits after the prompt, image tokens pruned to `kept` (None: all)."""
+                    placement: Placement = "layer_k", *, handoff_layer: int | None = None,
+                    handoff_text: bool = True) -> torch.Tensor:
+        """Next-token logits after the prompt, image tokens pruned to `kept` (None: all).
+
+        `handoff_layer` / `handoff_text` vary the "handoff" placement for experiments: the
+        layer after which states are handed off (default: the settings'), and whether the
+        text after the image takes part (the plugin: yes) or only the kept image tokens."""
         lm = self.model.model.language_model
         x = prepared.embeds[None]
         positions = torch.arange(x.shape[1], device=x.device)[None]
@@ -157,8 +162,11 @@ class HFReference:
                 keep_mask[start + idx.to(x.device)] = True
         if placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-        prune_at = self.proxy_layers if placement == "layer_k" else 0
-        handoff = self._handoff_rows(prepared, kept) if placement == "handoff" and kept is not None else None
+        # The paper prunes after the layer whose output the gradient is taken at.
+        prune_at = self.proxy_layers - (self.settings.scoring == "official") if placement == "layer_k" else 0
+        layer_h = self.handoff_layer if handoff_layer is None else handoff_layer
+        handoff = (self._handoff_rows(prepared, kept, layer_h, handoff_text)
+                   if placement == "handoff" and kept is not None else None)
 
         def run(layer, x, positions):
             rope = lm.rotary_emb(x, positions)
@@ -167,14 +175,14 @@ class HFReference:
 
         if handoff is not None:
             full, full_positions = x, positions
-            for layer in lm.layers[: self.handoff_layer]:
+            for layer in lm.layers[:layer_h]:
                 full = run(layer, full, full_positions)
         for i, layer in enumerate(lm.layers):
             if i == prune_at and kept is not None:
                 x, positions = x[:, keep_mask], positions[:, keep_mask]
                 if placement == "input":  # a shorter prompt, numbered from 0
                     positions = torch.arange(x.shape[1], device=x.device)[None]
-            if handoff is not None and i == self.handoff_layer:
+            if handoff is not None and i == layer_h:
                 served_rows, original_rows = handoff
                 x = x.clone()
                 x[:, served_rows] = full[:, original_rows]
@@ -186,19 +194,19 @@ class HFReference:
     def handoff_layer(self) -> int:
         return self.settings.handoff_layer_for(self.model.config.text_config.num_hidden_layers)
 
-    def _handoff_rows(self, prepared: PreparedPrompt, kept: list[torch.Tensor]
+    def _handoff_rows(self, prepared: PreparedPrompt, kept: list[torch.Tensor], layer: int, text: bool = True
                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows of the pruned sequence, rows of the unpruned one) that the served prefill hands
         off after layer h: the first image's kept tokens and the text after it (as the plugin's
         processor and model choose them), or None when nothing is handed off."""
-        if self.handoff_layer == 0 or not prepared.image_spans:
+        if layer == 0 or not prepared.image_spans:
             return None
         (start, end), idx = prepared.image_spans[0], kept[0].to(prepared.embeds.device)
         n, k = end - start, idx.numel()
         if k == n:
             return None
         text_end = prepared.image_spans[1][0] if len(prepared.image_spans) > 1 else prepared.embeds.shape[0]
-        rows = handoff_rows(text_end - end, n, k)
+        rows = handoff_rows(text_end - end, n, k) if text else 0
         original = torch.cat([start + idx, end + torch.arange(rows, device=idx.device)])
         return start + torch.arange(k + rows, device=idx.device), original
 

@@ -73,6 +73,12 @@ class PioFvlmLlavaNextProcessor(LlavaNextMultiModalProcessor):
         size = images.get_image_size(item_idx)
         return self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
 
+    def _budget_reference(self) -> int | None:
+        """The paper's absolute budget base: the model's largest image token count."""
+        if self.server_settings().budget != "paper":
+            return None
+        return self.info.get_max_image_tokens()
+
     def _handoff_enabled(self) -> bool:
         depth = self.info.get_hf_config().text_config.num_hidden_layers
         return self.server_settings().handoff_layer_for(depth) > 0
@@ -143,13 +149,14 @@ class PioFvlmLlavaNextProcessor(LlavaNextMultiModalProcessor):
         keep = hf_processor_mm_kwargs.get(_KEEP_KWARG)
         if keep is None:
             return updates
+        reference = self._budget_reference()
         pruned = []
         for update in updates:
             stock = update.replacement
 
             def replacement(item_idx: int, stock=stock) -> list[int]:
                 tokens = stock(item_idx)
-                return tokens[: budget(len(tokens), keep)]
+                return tokens[: budget(len(tokens), keep, reference)]
 
             pruned.append(PromptReplacement(modality=update.modality, target=update.target,
                                              replacement=replacement))

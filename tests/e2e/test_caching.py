@@ -64,7 +64,7 @@ def test_same_image_twice_in_one_prompt_is_selected_per_position(client, model_n
     differs), not one encoder-cache entry shared by both."""
     from pio_fvlm_vllm.images import image_message, synthetic_image
 
-    img = synthetic_image(640, 480, seed=42)
+    img = synthetic_image(400, 300, seed=42)  # two fit max_model_len unpruned
     images_before = metric(server.base_url, "pio_fvlm_images_pruned_total") or 0.0
     raw = client.chat.completions.with_raw_response.create(
         model=model_name, messages=image_message(QUESTION_A, img, img), max_tokens=2, temperature=0.0,

@@ -1,0 +1,141 @@
+"""On the real engine (V1 runner, in-process): a pruned request's prefill and decode positions
+are the unpruned prompt's, with the image split across prefill chunks and after a prefix-cache
+hit, and the hand-off rows are the first image's kept tokens and the text after it."""
+
+import os
+
+import pytest
+import torch
+
+from pio_fvlm_vllm.images import synthetic_image
+
+from .helpers import QUESTION_B
+
+CHUNK = 128  # tokens per step: a pruned 640x480 image (257 kept tokens) spans three steps
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model lives in this process
+    from vllm import LLM
+
+    try:
+        llm = LLM(model=str(tiny_checkpoint), dtype="float32", max_model_len=4096, seed=0, enforce_eager=True,
+                  max_num_batched_tokens=CHUNK, enable_prefix_caching=True)
+        yield llm
+        del llm
+    finally:
+        if previous is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
+
+
+class Recorder:
+    """Positions, hand-off masks and kept indices, as the engine's model sees them."""
+
+    def __init__(self, model):
+        self.model = model
+        self.positions, self.marked, self.kept = [], [], []
+        layers = model.language_model.model.layers
+        self._handles = [layers[0].register_forward_pre_hook(self._on_layer)]
+        self._select = model._kept_indices
+
+        def kept_indices(images, contexts):
+            selection, failed = self._select(images, contexts)
+            self.kept += [k.clone() for k in selection.kept]
+            return selection, failed
+
+        model._kept_indices = kept_indices
+
+    def _on_layer(self, module, args):
+        self.positions.append(args[0].clone())
+        handoff = self.model.pio_handoff
+        self.marked.append(handoff.mask[: args[0].shape[0]].clone())
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+        del self.model._kept_indices
+
+
+def _model(llm):
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+
+
+def _generate(llm, keep, seed=70, max_tokens=3):
+    from vllm import SamplingParams
+
+    prompt = {"prompt": f"USER: <image>\n{QUESTION_B} ASSISTANT:",
+              "multi_modal_data": {"image": synthetic_image(640, 480, seed=seed)}}
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=1, extra_args={"visual_keep": keep})
+    return llm.generate([prompt], params, use_tqdm=False)[0]
+
+
+def _expected(full_len: int, served_len: int, start: int, kept: torch.Tensor) -> list[int]:
+    n = full_len - (served_len - kept.numel())
+    return list(range(start)) + (start + kept).tolist() + list(range(start + n, full_len))
+
+
+def test_prefill_and_decode_positions_are_the_unpruned_ones(engine):
+    model = _model(engine)
+    full = _generate(engine, 1.0)
+    start = full.prompt_token_ids.index(model.config.image_token_index)
+    rec = Recorder(model)
+    try:
+        pruned = _generate(engine, 0.111)
+    finally:
+        rec.close()
+    (kept,) = rec.kept
+    served = len(pruned.prompt_token_ids)
+    prefill = torch.cat(rec.positions[:-2]).tolist()
+    assert len(rec.positions[0]) == CHUNK and len(prefill) == served  # the image crossed a chunk
+    assert prefill == _expected(len(full.prompt_token_ids), served, start, kept)
+    decode = [p.tolist() for p in rec.positions[-2:]]
+    assert decode == [[len(full.prompt_token_ids)], [len(full.prompt_token_ids) + 1]]
+    # Hand-off rows: the kept image tokens and every text row after the image, nothing else.
+    marked = torch.cat(rec.marked[:-2])
+    assert marked.nonzero().squeeze(-1).tolist() == list(range(start, served))
+    assert not torch.cat(rec.marked[-2:]).any()
+
+
+def test_prefix_cache_hit_recomputes_the_tail_at_its_original_positions(engine):
+    model = _model(engine)
+    full = _generate(engine, 1.0, seed=71, max_tokens=1)
+    start = full.prompt_token_ids.index(model.config.image_token_index)
+    rec = Recorder(model)
+    try:
+        first = _generate(engine, 0.111, seed=71)
+    finally:
+        rec.close()
+    (kept,) = rec.kept
+    rec = Recorder(model)
+    try:
+        again = _generate(engine, 0.111, seed=71)
+    finally:
+        rec.close()
+    served = len(again.prompt_token_ids)
+    assert 0 < again.num_cached_tokens < served
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert [next(iter(lp.values())).logprob for lp in again.outputs[0].logprobs] == pytest.approx(
+        [next(iter(lp.values())).logprob for lp in first.outputs[0].logprobs], abs=1e-4)
+    # The recomputed prompt tail sits where the unpruned prompt has it, and its rows in the
+    # hand-off range take over the proxy's states again (re-gathered with the image's rows).
+    tail = torch.cat(rec.positions[:-2])
+    assert len(tail) == served - again.num_cached_tokens
+    assert tail.tolist() == _expected(len(full.prompt_token_ids), served, start, kept)[-len(tail):]
+    served_index = torch.arange(served - len(tail), served)
+    assert torch.equal(torch.cat(rec.marked[:-2]), served_index >= start)
+
+
+def test_keep_one_positions_are_plain(engine):
+    model = _model(engine)
+    rec = Recorder(model)
+    try:
+        out = _generate(engine, 1.0, seed=72, max_tokens=1)
+    finally:
+        rec.close()
+    assert torch.cat(rec.positions).tolist() == list(range(len(out.prompt_token_ids)))
+    assert not torch.cat(rec.marked).any()
