@@ -51,6 +51,12 @@ class PioFvlmSettings(BaseModel):
         description="encoder_free: gradient saliency + NMS over all image tokens. "
         "encoder_involved: a VisionZip-style stage (CLS attention) first, then the gradient stage.",
     )
+    selector: Literal["pio_fvlm", "uniform", "random"] = Field(
+        "pio_fvlm",
+        description="pio_fvlm: the method. uniform (evenly spaced) and random (seeded by the "
+        "prompt) are baselines served the same way, at original positions, with no proxy pass "
+        "and so no hand-off: the free-selection ceiling of speed.",
+    )
     budget: Literal["ratio", "paper"] = Field(
         "ratio",
         description="ratio: an image of N tokens keeps round(N * keep). paper: the paper's "
@@ -147,6 +153,10 @@ class PioFvlmSettings(BaseModel):
     def handoff_layer_for(self, num_hidden_layers: int) -> int:
         """h for a model of this depth (0: no hand-off); checks it against K - backprop_layers."""
         top = self.proxy_layer_for(num_hidden_layers) - self.backprop_layers
+        if self.selector != "pio_fvlm":
+            if self.handoff_layer:
+                raise ValueError(f"handoff_layer needs selector pio_fvlm (its proxy pass), got {self.selector}")
+            return 0
         if self.handoff_layer is None:
             return min(1, top)
         if self.handoff_layer > top:

@@ -172,3 +172,50 @@ def test_last_token_layer_equals_full_layer_at_last_positions(proxy):
     last = torch.tensor([n - 1 for n in lengths])
     torch.testing.assert_close(decoder_layer_last(x, proxy.layers[0], proxy.shape, cos, sin, last),
                                full[torch.arange(2), last])
+
+
+def test_layer_at_several_positions_equals_full_layer_there(proxy):
+    from pio_fvlm_vllm.algorithm.decoder import decoder_layer_at
+    from pio_fvlm_vllm.algorithm.saliency import _pack, loss_rows
+
+    contexts = [_context(n=12, seed=1), _context(n=5, p=1, s=2, seed=2)]
+    x, lengths = _pack(contexts, torch.float64)
+    cos, sin = rotary_cos_sin(torch.arange(x.shape[1]).expand(2, -1), proxy.shape.head_dim,
+                              proxy.shape.rope_theta, x.dtype)
+    full = decoder_layer(x, proxy.layers[0], proxy.shape, cos, sin)
+    at = loss_rows(lengths, "four_before_last", x.device)
+    assert at.tolist() == [[15, 16, 17, 18], [3, 4, 5, 6]]
+    torch.testing.assert_close(decoder_layer_at(x, proxy.layers[0], proxy.shape, cos, sin, at),
+                               full[torch.arange(2)[:, None], at])
+
+
+def test_four_positions_loss_is_the_mean_over_those_positions(proxy):
+    """The official loss: mean CE over S-5..S-2 of layer K, gradient at layer K's input."""
+    ctx = _context()
+    sal = gradient_saliency(proxy, [ctx], reduction="grad_norm", loss_positions="four_before_last")
+    h = _layer_input(proxy, ctx).detach().requires_grad_(True)
+    seq = h.shape[1]
+    cos, sin = rotary_cos_sin(torch.arange(seq)[None], proxy.shape.head_dim, proxy.shape.rope_theta, h.dtype)
+    out = decoder_layer(h, proxy.layers[-1], proxy.shape, cos, sin)
+    loss = proxy_loss(out[0, seq - 5 : seq - 1], proxy, "logit_lens") / 4
+    (g,) = torch.autograd.grad(loss, h)
+    start = ctx.prefix_embeds.shape[0]
+    torch.testing.assert_close(sal.scores[0, : ctx.num_image_tokens],
+                               g[0, start : start + ctx.num_image_tokens].norm(dim=-1))
+
+
+def test_handoff_states_are_the_full_sequence_after_layer_h(proxy):
+    ctx = _context()
+    sal = gradient_saliency(proxy, [ctx, _context(n=5, seed=3)], handoff_layer=1)
+    torch.testing.assert_close(sal.handoff_states[0], _layer_input(proxy, ctx)[0])
+    assert sal.handoff_states[1].shape[0] == _context(n=5, seed=3).length
+    with pytest.raises(ValueError, match=r"handoff_layer must be in \[0, 1\]"):
+        gradient_saliency(proxy, [ctx], handoff_layer=2)
+
+
+def test_inclusive_nms_suppresses_at_exactly_the_threshold():
+    features = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    scores = torch.tensor([[3.0, 2.0, 1.0]])
+    # Token 1 duplicates token 0 (similarity exactly 1.0): only >= suppresses it.
+    assert nms_select(scores, features, [2], 1.0, inclusive=True)[0].tolist() == [0, 2]
+    assert nms_select(scores, features, [2], 1.0)[0].tolist() == [0, 1]

@@ -59,3 +59,31 @@ def test_proxy_layer_defaults():
         PioFvlmSettings(proxy_layer=9).proxy_layer_for(4)
     with pytest.raises(ValueError, match=r"backprop_layers must be in \[1, 2\]"):
         PioFvlmSettings(proxy_layer=2, backprop_layers=3).proxy_layer_for(32)
+
+
+def test_paper_budget_is_an_absolute_count():
+    assert budget(2880, 0.111, reference_tokens=2880) == 320
+    assert budget(1500, 0.111, reference_tokens=2880) == 320  # a smaller image keeps as many
+    assert budget(200, 0.111, reference_tokens=2880) == 200  # never more than it has
+    assert budget(576, 0.111, reference_tokens=576) == 64
+
+
+def test_official_scoring_sets_its_defaults_and_explicit_settings_win():
+    s = PioFvlmSettings.from_env({"PIO_FVLM_SCORING": "official"})
+    assert (s.loss_positions, s.saliency, s.nms_threshold, s.nms_inclusive) == ("four_before_last", "grad_norm",
+                                                                               0.8, True)
+    assert s.proxy_layer_for(32) == 3  # the gradient at layer 2's output, through layer 3
+    s = PioFvlmSettings.from_env({"PIO_FVLM_SCORING": "official", "PIO_FVLM_NMS_INCLUSIVE": "false"})
+    assert s.nms_inclusive is False and s.nms_threshold == 0.8
+
+
+def test_handoff_layer_defaults_and_bounds():
+    assert PioFvlmSettings().handoff_layer_for(32) == 1
+    assert PioFvlmSettings(proxy_layer=1).handoff_layer_for(32) == 0  # nothing free to hand off
+    assert PioFvlmSettings(selector="uniform").handoff_layer_for(32) == 0
+    with pytest.raises(ValueError, match=r"handoff_layer must be in \[0, 1\]"):
+        PioFvlmSettings(handoff_layer=2).handoff_layer_for(32)
+    with pytest.raises(ValueError, match="PIO_FVLM_NMS_INCLUSIVE must be true or false"):
+        PioFvlmSettings.from_env({"PIO_FVLM_NMS_INCLUSIVE": "maybe"})
+    with pytest.raises(ValueError, match="PIO_FVLM_SELECTOR"):
+        PioFvlmSettings.from_env({"PIO_FVLM_SELECTOR": "best"})

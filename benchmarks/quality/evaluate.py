@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pio_fvlm_vllm.algorithm import uniform_stride
 from pio_fvlm_vllm.budget import budget
 from pio_fvlm_vllm.reference import HFReference
-from pio_fvlm_vllm.settings import PioFvlmSettings
+from pio_fvlm_vllm.settings import ENV_PREFIX, PioFvlmSettings
 
 from ..common import RESULTS, progress, write_result
 from .task import TEST_SEEDS, make_example
@@ -144,6 +144,7 @@ class Methods:
         return self.ref.last_logits(self.ref.with_image_tokens(p, images), None)
 
 
+PLUGIN = "pio_fvlm (plugin)"
 # The plugin's placement: pruned before layer 0, original positions, hand-off after layer h.
 SERVED = "pio_fvlm_served"
 METHODS = {
@@ -196,8 +197,14 @@ def evaluate_hf(checkpoint: Path, scenes: list[int], keeps: list[float], setting
     return {"full_accuracy": full_correct / len(scenes), "methods": stats, "plugin_answers": served_like}
 
 
+def settings_env(settings: PioFvlmSettings) -> dict[str, str]:
+    """The `PIO_FVLM_*` variables that give a server these settings."""
+    return {ENV_PREFIX + name.upper(): str(value).lower() if isinstance(value, bool) else str(value)
+            for name, value in settings.model_dump(exclude_defaults=True).items()}
+
+
 def evaluate_server(checkpoint: Path, scenes: list[int], keeps: list[float], settings: PioFvlmSettings,
-                    reference_answers: dict[float, list[str]], concurrency: int = 8) -> dict:
+                    reference_answers: dict[float, list[str]] | None, concurrency: int = 8) -> dict:
     """Accuracy and agreement through `vllm serve`, and how often the served answer is the HF
     reference's answer with the same (plugin) placement."""
     from concurrent.futures import ThreadPoolExecutor
@@ -208,7 +215,8 @@ def evaluate_server(checkpoint: Path, scenes: list[int], keeps: list[float], set
     from pio_fvlm_vllm.serving import VllmServer
 
     out = {k: {"correct": 0, "agree": 0, "same_as_reference": 0, "n": 0} for k in keeps}
-    env = {"PIO_FVLM_PROXY_LAYER": str(settings.proxy_layer)} if settings.proxy_layer else {}
+    env = settings_env(settings)
+    progress(f"server with {env or 'default settings'}")
     with VllmServer(checkpoint, args=["--dtype", "float32", "--max-model-len", "2048"], env=env) as server, \
             ThreadPoolExecutor(concurrency) as pool:
         client = OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
@@ -227,7 +235,8 @@ def evaluate_server(checkpoint: Path, scenes: list[int], keeps: list[float], set
             for keep in keeps:
                 out[keep]["correct"] += answers[keep] == ex.answer
                 out[keep]["agree"] += answers[keep] == answers[1.0]
-                out[keep]["same_as_reference"] += answers[keep] == reference_answers[keep][i]
+                if reference_answers is not None:
+                    out[keep]["same_as_reference"] += answers[keep] == reference_answers[keep][i]
                 out[keep]["n"] += 1
             if (i + 1) % 50 == 0:
                 progress(f"server path: {i + 1}/{len(scenes)} scenes")
@@ -244,11 +253,12 @@ def report(hf: dict, server: dict | None, keeps: list[float], scenes: int, check
         cells = [f"{s['correct'] / s['n']:.1%} / {s['agree'] / s['n']:.0%} / {s['kl'] / s['n']:.3f}"
                  for s in (per_keep[k] for k in keeps)]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if server:
-        cells = [f"{server[k]['correct'] / server[k]['n']:.1%} / {server[k]['agree'] / server[k]['n']:.0%} / -"
-                 for k in keeps]
-        lines.append("| pio_fvlm via `vllm serve` (plugin) | " + " | ".join(cells) + " |")
-        cells = [f"{server[k]['same_as_reference'] / server[k]['n']:.1%}" for k in keeps]
+    for label, runs in (server or {}).items():
+        cells = [f"{runs[k]['correct'] / runs[k]['n']:.1%} / {runs[k]['agree'] / runs[k]['n']:.0%} / -" for k in keeps]
+        lines.append(f"| {label} via `vllm serve` | " + " | ".join(cells) + " |")
+    if server and PLUGIN in server:
+        runs = server[PLUGIN]
+        cells = [f"{runs[k]['same_as_reference'] / runs[k]['n']:.1%}" for k in keeps]
         lines.append("| `vllm serve` answer == HF reference answer, plugin placement | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -262,8 +272,8 @@ def plot(hf: dict, server: dict | None, keeps: list[float], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for name, per_keep in hf["methods"].items():
         ax.plot(keeps, [per_keep[k]["correct"] / per_keep[k]["n"] for k in keeps], "o-", label=name)
-    if server:
-        ax.plot(keeps, [server[k]["correct"] / server[k]["n"] for k in keeps], "k*--", label="plugin via vllm serve")
+    for label, runs in (server or {}).items():
+        ax.plot(keeps, [runs[k]["correct"] / runs[k]["n"] for k in keeps], "*--", label=f"{label} via vllm serve")
     ax.set(xscale="log", xlabel="visual_keep (share of image tokens kept)", ylabel="accuracy",
            title="Synthetic VQA accuracy vs keep ratio")
     ax.legend(fontsize=7)
@@ -277,7 +287,10 @@ def main(argv=None):
     p.add_argument("--checkpoint", type=Path, default=Path(__file__).parent / "checkpoint")
     p.add_argument("--scenes", type=int, default=400)
     p.add_argument("--keeps", type=float, nargs="+", default=KEEPS)
-    p.add_argument("--server", action="store_true", help="also run PIO-FVLM through vllm serve")
+    p.add_argument("--server", action="store_true",
+                   help="also serve PIO-FVLM, and random and uniform selection, through vllm serve")
+    p.add_argument("--scoring", choices=["project", "official"], default="project",
+                   help="PIO-FVLM's scoring (see PIO_FVLM_SCORING)")
     p.add_argument("--name", default="quality")
     p.add_argument("--proxy-layer", type=int, default=2,
                    help="K for PIO-FVLM; the checkpoint grounds the question in decoder layer 2 of 4")
@@ -288,10 +301,15 @@ def main(argv=None):
         args.keeps = [1.0, *args.keeps]
     scenes = list(TEST_SEEDS)[: args.scenes]
     torch.manual_seed(0)
-    settings = PioFvlmSettings(proxy_layer=args.proxy_layer)
+    settings = PioFvlmSettings(proxy_layer=args.proxy_layer, scoring=args.scoring)
     hf = evaluate_hf(args.checkpoint, scenes, args.keeps, settings)
-    server = (evaluate_server(args.checkpoint, scenes, args.keeps, settings, hf["plugin_answers"])
-              if args.server else None)
+    server = None
+    if args.server:
+        server = {PLUGIN: evaluate_server(args.checkpoint, scenes, args.keeps, settings, hf["plugin_answers"])}
+        for selector in ("random", "uniform"):
+            baseline = settings.model_copy(update={"selector": selector})
+            server[f"{selector} (original positions)"] = evaluate_server(args.checkpoint, scenes, args.keeps,
+                                                                         baseline, None)
     body = report(hf, server, args.keeps, len(scenes), args.checkpoint)
     print(body)
     write_result(f"{args.name}.md", "Quality: accuracy vs keep ratio", body + f"\n\n![quality]({args.name}.png)\n")

@@ -3,7 +3,7 @@
 from .decoder import DecoderLayerWeights, DecoderShape, ProxyWeights, decoder_layer
 from .nms import nms_select
 from .saliency import ImageContext, Saliency, gradient_saliency, proxy_loss
-from .select import Selection, select, select_tokens, uniform_stride
+from .select import Selection, seeded_random, select, select_tokens, uniform_stride
 from .visionzip import VisionZipResult, cls_attention, visionzip_compress
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "nms_select",
     "proxy_loss",
     "select",
+    "seeded_random",
     "select_tokens",
     "uniform_stride",
     "visionzip_compress",

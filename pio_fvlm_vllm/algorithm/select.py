@@ -73,6 +73,12 @@ def select(
     return Selection(result, states)  # type: ignore[arg-type]
 
 
+def seeded_random(num_tokens: int, num_keep: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """num_keep distinct indices drawn at random with `seed`, ascending."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(num_tokens, generator=gen)[:num_keep].sort().values.to(device)
+
+
 def uniform_stride(num_tokens: int, num_keep: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """num_keep evenly spaced indices out of num_tokens, ascending and distinct (num_keep <= N)."""
     if num_keep == 1:

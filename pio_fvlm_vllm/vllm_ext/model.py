@@ -28,7 +28,7 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..algorithm import ImageContext, ProxyWeights, Selection, select, uniform_stride
+from ..algorithm import ImageContext, ProxyWeights, Selection, seeded_random, select, uniform_stride
 from ..settings import PioFvlmSettings
 from .context import CONTEXT_FIELD, PromptContext
 from .engine_config import missing_engine_config
@@ -207,6 +207,9 @@ class PioFvlmLlavaNextForConditionalGeneration(
         stride (it still gets exactly its budget, without hand-off states).
         """
         budgets = [c.num_keep for c in contexts]
+        if self.pio_settings.selector != "pio_fvlm":
+            return Selection([self._baseline_kept(img.shape[0], c, img.device) for img, c in zip(images, contexts)],
+                             [None] * len(images)), False
         if self.pio_proxy is None:  # weights were never loaded through vLLM's loader
             return Selection([uniform_stride(img.shape[0], k, img.device) for img, k in zip(images, budgets)],
                              [None] * len(images)), True
@@ -238,6 +241,13 @@ class PioFvlmLlavaNextForConditionalGeneration(
                 states.append(None)
                 failed = True
         return Selection(kept, states), failed
+
+    def _baseline_kept(self, num_tokens: int, ctx: PromptContext, device: torch.device) -> torch.Tensor:
+        if self.pio_settings.selector == "uniform":
+            return uniform_stride(num_tokens, ctx.num_keep, device)
+        # Seeded by the request's text, so a re-encoded image keeps the same tokens.
+        seed = hash((num_tokens, ctx.num_keep, *ctx.prefix_ids, *ctx.suffix_ids)) & 0x7FFFFFFF
+        return seeded_random(num_tokens, ctx.num_keep, seed, device)
 
     def _run_selection(self, image_contexts: list[ImageContext], budgets: list[int],
                        contexts: list[PromptContext]) -> Selection:

@@ -59,6 +59,19 @@ def test_server_keeps_serving_after_bad_requests(client, model_name, server):
     assert reply.choices[0].finish_reason in ("length", "stop")
 
 
+def test_unpruned_prompt_past_the_context_length_is_a_400(client, model_name, server):
+    """Pruned tokens keep their unpruned positions: two 640x480 images (4.7k tokens unpruned,
+    over max-model-len 4096) are refused at any keep, as stock vLLM refuses them, and the
+    engine keeps serving."""
+    body = {"model": model_name, "messages": messages(seed=8, count=2), "max_tokens": 1, "visual_keep": 0.05}
+    status, payload, _ = post_chat(server, body)
+    assert status == 400, payload
+    text = json.dumps(payload)
+    assert "visual_keep" in text and "maximum context length of 4096" in text and "before pruning" in text
+    reply = chat(client, model_name, messages(seed=8), 0.05, max_tokens=1)
+    assert reply.choices[0].finish_reason in ("length", "stop") and server.healthy()
+
+
 def test_kv_cache_usage_shrinks_while_running(client, model_name, server):
     """The engine's own KV-cache usage, polled while prefill-only requests run (max_tokens=1,
     so the peak is the prompt's blocks). The pruned prompt prefills in one short step and may
