@@ -100,7 +100,8 @@ class PioFvlmSettings(BaseModel):
         description="h: the kept image tokens of a prompt's first pruned image and the text after "
         "it take over the proxy's full-sequence states after decoder layer h, so layers > h "
         "see what the unpruned prompt gives them there. 0 turns it off; at most "
-        "K - backprop_layers (free by-products of the proxy). None: 1 where that fits, else 0.",
+        "K - backprop_layers (free by-products of the proxy). None: K - backprop_layers, the "
+        "layer whose output the gradient is taken at (the paper's pruning point).",
     )
     nms_threshold: float = Field(
         0.9,
@@ -158,7 +159,8 @@ class PioFvlmSettings(BaseModel):
                 raise ValueError(f"handoff_layer needs selector pio_fvlm (its proxy pass), got {self.selector}")
             return 0
         if self.handoff_layer is None:
-            return min(1, top)
+            # The layer whose output the gradient is taken at: the paper's pruning point.
+            return top
         if self.handoff_layer > top:
             raise ValueError(
                 f"handoff_layer must be in [0, {top}] (proxy_layer K - backprop_layers), got "

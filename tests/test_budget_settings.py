@@ -80,6 +80,7 @@ def test_official_scoring_sets_its_defaults_and_explicit_settings_win():
 def test_handoff_layer_defaults_and_bounds():
     assert PioFvlmSettings().handoff_layer_for(32) == 1
     assert PioFvlmSettings(proxy_layer=1).handoff_layer_for(32) == 0  # nothing free to hand off
+    assert PioFvlmSettings(scoring="official").handoff_layer_for(32) == 2  # the official pruning point
     assert PioFvlmSettings(selector="uniform").handoff_layer_for(32) == 0
     with pytest.raises(ValueError, match=r"handoff_layer must be in \[0, 1\]"):
         PioFvlmSettings(handoff_layer=2).handoff_layer_for(32)

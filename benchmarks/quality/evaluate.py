@@ -147,8 +147,9 @@ class Methods:
 PLUGIN = "pio_fvlm (plugin)"
 # The plugin's placement: pruned before layer 0, original positions, hand-off after layer h.
 SERVED = "pio_fvlm_served"
+SERVED_NAME = "pio_fvlm (= plugin: original positions + hand-off)"
 METHODS = {
-    "pio_fvlm (= plugin: original positions + hand-off)": SERVED,
+    SERVED_NAME: SERVED,
     "pio_fvlm (original positions, no hand-off)": "pio_fvlm_input_positions",
     "pio_fvlm (renumbered positions, the plugin before)": "pio_fvlm_input",
     "pio_fvlm (layer K, paper)": "pio_fvlm_layer_k",

@@ -20,6 +20,7 @@ chance for thousands of steps. The head is dropped when the checkpoint is writte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import time
 from pathlib import Path
@@ -239,6 +240,8 @@ def main(argv=None):
     p.add_argument("--ground-heads", type=int, default=2, help="how many attention heads (the first ones) "
                    "the grounding loss points; the rest stay free")
     p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--text-layers", type=int, default=QUALITY_PRESET.text["num_hidden_layers"],
+                   help="decoder layers of the language model (a deeper variant of the preset)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.steps < 10:
@@ -246,21 +249,24 @@ def main(argv=None):
     for flag, value in (("--batch", args.batch), ("--eval-every", args.eval_every)):
         if value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
-    layers = QUALITY_PRESET.text["num_hidden_layers"]
+    if args.text_layers < 2:
+        p.error(f"--text-layers must be at least 2, got {args.text_layers}")
+    preset = dataclasses.replace(QUALITY_PRESET, text={**QUALITY_PRESET.text, "num_hidden_layers": args.text_layers})
+    layers = preset.text["num_hidden_layers"]
     if not 1 <= args.ground_layer < layers:
         p.error(f"--ground-layer must be in [1, {layers - 1}] (the layer before it reads the question), "
                 f"got {args.ground_layer}")
-    heads = QUALITY_PRESET.text["num_attention_heads"]
+    heads = preset.text["num_attention_heads"]
     if not 1 <= args.ground_heads <= heads:
         p.error(f"--ground-heads must be in [1, {heads}], got {args.ground_heads}")
     from transformers import LlavaNextForConditionalGeneration
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    tokenizer = build_tokenizer(QUALITY_PRESET.vocab_size, tokenizer_corpus())
+    tokenizer = build_tokenizer(preset.vocab_size, tokenizer_corpus())
     answer_ids = answer_token_ids(tokenizer)
-    processor = make_processor(QUALITY_PRESET, tokenizer)
-    config = preset_config(QUALITY_PRESET, tokenizer)
+    processor = make_processor(preset, tokenizer)
+    config = preset_config(preset, tokenizer)
     # Eager attention: the grounding loss reads the attention probabilities.
     model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation="eager")
     history = "# Quality checkpoint\n\nTrained by "
