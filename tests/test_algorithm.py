@@ -160,20 +160,6 @@ def test_visionzip_dominant_and_contextual():
     assert ((out.embeds[5:] >= lo - 1e-6) & (out.embeds[5:] <= hi + 1e-6)).all()
 
 
-def test_last_token_layer_equals_full_layer_at_last_positions(proxy):
-    from pio_fvlm_vllm.algorithm.decoder import decoder_layer_last
-    from pio_fvlm_vllm.algorithm.saliency import _pack
-
-    contexts = [_context(n=12, seed=1), _context(n=5, p=1, s=2, seed=2)]
-    x, lengths = _pack(contexts, torch.float64)
-    cos, sin = rotary_cos_sin(torch.arange(x.shape[1]).expand(2, -1), proxy.shape.head_dim,
-                              proxy.shape.rope_theta, x.dtype)
-    full = decoder_layer(x, proxy.layers[0], proxy.shape, cos, sin)
-    last = torch.tensor([n - 1 for n in lengths])
-    torch.testing.assert_close(decoder_layer_last(x, proxy.layers[0], proxy.shape, cos, sin, last),
-                               full[torch.arange(2), last])
-
-
 def test_layer_at_several_positions_equals_full_layer_there(proxy):
     from pio_fvlm_vllm.algorithm.decoder import decoder_layer_at
     from pio_fvlm_vllm.algorithm.saliency import _pack, loss_rows

@@ -270,13 +270,18 @@ def plot(hf: dict, server: dict | None, keeps: list[float], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 5))
     for name, per_keep in hf["methods"].items():
-        ax.plot(keeps, [per_keep[k]["correct"] / per_keep[k]["n"] for k in keeps], "o-", label=name)
+        ax.plot(keeps, [per_keep[k]["correct"] / per_keep[k]["n"] for k in keeps], "o-", label=name, alpha=0.8)
     for label, runs in (server or {}).items():
-        ax.plot(keeps, [runs[k]["correct"] / runs[k]["n"] for k in keeps], "*--", label=f"{label} via vllm serve")
+        acc = [runs[k]["correct"] / runs[k]["n"] for k in keeps]
+        err = [(a * (1 - a) / runs[k]["n"]) ** 0.5 for a, k in zip(acc, keeps)]  # binomial standard error
+        ax.errorbar(keeps, acc, yerr=err, fmt="*--", capsize=3, label=f"{label} via vllm serve (± 1 s.e.)")
+    ax.axhline(hf["full_accuracy"], color="grey", lw=0.8, ls=":", label="all tokens")
     ax.set(xscale="log", xlabel="visual_keep (share of image tokens kept)", ylabel="accuracy",
-           title="Synthetic VQA accuracy vs keep ratio")
+           title="Synthetic VQA accuracy vs keep ratio (400 held-out scenes)")
+    ax.set_xticks(keeps, [str(k) for k in keeps])
+    ax.minorticks_off()
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -295,7 +300,17 @@ def main(argv=None):
     p.add_argument("--name", default="quality")
     p.add_argument("--proxy-layer", type=int, default=2,
                    help="K for PIO-FVLM; the checkpoint grounds the question in decoder layer 2 of 4")
+    p.add_argument("--from-json", type=Path, help="rewrite the table and plot from a results JSON this script "
+                   "wrote, without evaluating")
     args = p.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        keys = lambda d: {float(k): v for k, v in d.items()}  # noqa: E731 (JSON keys are strings)
+        hf = {**saved["hf"], "methods": {n: keys(m) for n, m in saved["hf"]["methods"].items()}}
+        server = {label: keys(runs) for label, runs in (saved["server"] or {}).items()} or None
+        keeps = sorted(next(iter(hf["methods"].values())), reverse=True)
+        plot(hf, server, keeps, RESULTS / f"{args.name}.png")
+        return
     if not 1 <= args.scenes <= len(TEST_SEEDS):
         p.error(f"--scenes must be in [1, {len(TEST_SEEDS)}] (the held-out split), got {args.scenes}")
     if 1.0 not in args.keeps:

@@ -222,15 +222,3 @@ def decoder_layer_at(
     mlp = F.linear(F.silu(F.linear(h, w.gate_proj)) * F.linear(h, w.up_proj), w.down_proj)
     return out + _reduce_from_tp(mlp, tp_group)
 
-
-def decoder_layer_last(
-    x: torch.Tensor,
-    w: DecoderLayerWeights,
-    shape: DecoderShape,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    last: torch.Tensor,
-    tp_group=None,
-) -> torch.Tensor:
-    """x: (B, L, D), last: (B,) -> (B, D): `decoder_layer_at` at one position per sequence."""
-    return decoder_layer_at(x, w, shape, cos, sin, last[:, None], tp_group)[:, 0]

@@ -1,4 +1,6 @@
+import contextlib
 import json
+import os
 import re
 import urllib.error
 import urllib.request
@@ -52,3 +54,19 @@ def post_chat(server, body, timeout=300):
         except ValueError:
             payload = {"raw": raw.decode(errors="replace")}
         return e.code, payload, dict(e.headers)
+
+
+@contextlib.contextmanager
+def environment(**values: str):
+    """Sets environment variables for the block (an engine built inside reads them), then
+    restores what was there."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

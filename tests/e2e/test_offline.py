@@ -5,7 +5,7 @@ import pytest
 from pio_fvlm_vllm.budget import budget
 from pio_fvlm_vllm.images import synthetic_image
 
-from .helpers import QUESTION_A, messages
+from .helpers import QUESTION_A, environment, messages
 
 
 @pytest.fixture(scope="module")
@@ -13,21 +13,14 @@ def llm(tiny_checkpoint):
     import os
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    # The server-wide default for requests that do not say (see test_server_default_*); only
-    # this module's engine sees it.
-    previous = os.environ.get("PIO_FVLM_VISUAL_KEEP")
-    os.environ["PIO_FVLM_VISUAL_KEEP"] = "0.5"
     from vllm import LLM
 
-    try:
+    # The server-wide default for requests that do not say (see test_server_default_*); only
+    # this module's engine sees it.
+    with environment(PIO_FVLM_VISUAL_KEEP="0.5"):
         engine = LLM(model=str(tiny_checkpoint), dtype="float32", max_model_len=4096, seed=0)
         yield engine
         del engine
-    finally:
-        if previous is None:
-            os.environ.pop("PIO_FVLM_VISUAL_KEEP", None)
-        else:
-            os.environ["PIO_FVLM_VISUAL_KEEP"] = previous
 
 
 def _params(keep=None, **kw):

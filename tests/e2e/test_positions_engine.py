@@ -9,7 +9,7 @@ import torch
 
 from pio_fvlm_vllm.images import synthetic_image
 
-from .helpers import QUESTION_B
+from .helpers import QUESTION_B, environment
 
 CHUNK = 128  # tokens per step: a pruned 640x480 image (257 kept tokens) spans three steps
 
@@ -17,20 +17,13 @@ CHUNK = 128  # tokens per step: a pruned 640x480 image (257 kept tokens) spans t
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model lives in this process
     from vllm import LLM
 
-    try:
+    with environment(VLLM_ENABLE_V1_MULTIPROCESSING="0"):  # the model lives in this process
         llm = LLM(model=str(tiny_checkpoint), dtype="float32", max_model_len=4096, seed=0, enforce_eager=True,
                   max_num_batched_tokens=CHUNK, enable_prefix_caching=True)
         yield llm
         del llm
-    finally:
-        if previous is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = previous
 
 
 class Recorder:
