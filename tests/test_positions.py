@@ -169,3 +169,39 @@ def test_model_runner_v2_pruning_helper_drives_the_hook_on_cpu_tensors():
     assert (rope.table[1, 3:10] < 0).all() and rope.deltas[0] == delta == 6
     # MRV2 decode positions are num_computed + i + delta (rope.py's kernel): the unpruned ones.
     assert 12 + rope.deltas[0] == 18
+
+
+def _engine_config(pipeline_parallel_size=1):
+    from transformers import LlavaNextConfig
+    from vllm.config.multimodal import MultiModalConfig
+    from vllm.transformers_utils.config import uses_mrope
+
+    hf_config = LlavaNextConfig()
+
+    class ModelConfig:
+        multimodal_config = MultiModalConfig()
+
+        @property
+        def uses_mrope(self):
+            return uses_mrope(hf_config)
+
+    model_config = ModelConfig()
+    model_config.hf_config = hf_config
+    return SimpleNamespace(model_config=model_config,
+                           parallel_config=SimpleNamespace(pipeline_parallel_size=pipeline_parallel_size))
+
+
+def test_the_plugin_supplies_the_engine_settings_of_the_positions_hook():
+    from pio_fvlm_vllm.vllm_ext.engine_config import missing_engine_config, supply_engine_config
+
+    config = _engine_config()
+    assert missing_engine_config(config) == ["""--hf-overrides '{"mrope_section": [1, 1, 1]}'""",
+                                             "--video-pruning-rate 0.5"]
+    supply_engine_config(config)
+    assert missing_engine_config(config) == []
+    # The language model keeps its plain rotary embedding: only the top level changed.
+    assert config.model_config.hf_config.text_config.rope_parameters["rope_type"] == "default"
+    pipelined = _engine_config(pipeline_parallel_size=2)
+    supply_engine_config(pipelined)
+    assert missing_engine_config(pipelined) == [
+        "--pipeline-parallel-size 1 (the positions hook runs on the first stage only)"]

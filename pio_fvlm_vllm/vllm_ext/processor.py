@@ -1,5 +1,9 @@
 """LLaVA-NeXT multimodal processor that emits budget(N, visual_keep) placeholders per image.
 
+A pruned prompt's first image also claims the text after it (its placeholder range covers it),
+so that text's rows travel with the image's encoder output and take over the proxy's states
+(see `handoff.py`). A prompt whose unpruned length exceeds the context length is refused.
+
 The request's keep ratio arrives as the processor kwarg `visual_keep` (routed there from the
 OpenAI body, `vllm_xargs` or `SamplingParams.extra_args`, see `requests.py`), or from the
 server default. Fewer placeholder tokens is what shrinks the request's KV-cache allocation:
@@ -13,11 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from vllm.model_executor.models.llava_next import LlavaNextMultiModalProcessor
-from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem
+from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem, PlaceholderRange
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 from vllm.multimodal.processing.processor import PromptReplacement, PromptUpdate
-
-from vllm.multimodal.inputs import PlaceholderRange
 
 from ..budget import VISUAL_KEEP_FIELD, budget, validate_visual_keep
 from ..positions import handoff_rows
