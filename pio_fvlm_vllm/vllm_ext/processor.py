@@ -42,13 +42,19 @@ def _prompt_digest(prompt_ids: Sequence[int]) -> str:
 
 
 class PioFvlmLlavaNextProcessor(LlavaNextMultiModalProcessor):
-    settings: PioFvlmSettings | None = None
+    _settings: PioFvlmSettings | None = None
 
-    @classmethod
-    def server_settings(cls) -> PioFvlmSettings:
-        if cls.settings is None:
-            cls.settings = PioFvlmSettings.from_env()
-        return cls.settings
+    def server_settings(self) -> PioFvlmSettings:
+        """The `PIO_FVLM_*` settings, read once per processor (one per engine)."""
+        if self._settings is None:
+            self._settings = PioFvlmSettings.from_env()
+        return self._settings
+
+    def get_dummy_inputs(self, *args, **kwargs):
+        # Profiling sizes the encoder cache and memory for the largest image: unpruned,
+        # whatever the server default, so that keep 1.0 always fits.
+        inputs = super().get_dummy_inputs(*args, **kwargs)
+        return replace(inputs, hf_processor_mm_kwargs={**inputs.hf_processor_mm_kwargs, VISUAL_KEEP_FIELD: 1.0})
 
     def _request_keep(self, kwargs: dict[str, object]) -> float:
         raw = kwargs.pop(VISUAL_KEEP_FIELD, None)

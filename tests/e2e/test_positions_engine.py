@@ -19,7 +19,10 @@ def engine(tiny_checkpoint):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from vllm import LLM
 
-    with environment(VLLM_ENABLE_V1_MULTIPROCESSING="0"):  # the model lives in this process
+    # The model lives in this process. A server default below 1.0 with a small step budget is
+    # where profiling pruned dummy images would leave the encoder cache too small for the
+    # keep-1.0 requests below: profiling must stay unpruned.
+    with environment(VLLM_ENABLE_V1_MULTIPROCESSING="0", PIO_FVLM_VISUAL_KEEP="0.25"):
         llm = LLM(model=str(tiny_checkpoint), dtype="float32", max_model_len=4096, seed=0, enforce_eager=True,
                   max_num_batched_tokens=CHUNK, enable_prefix_caching=True)
         yield llm
