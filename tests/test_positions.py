@@ -85,7 +85,7 @@ def test_hook_writes_original_positions_of_kept_rows_in_any_chunking():
     hook = PositionsHook(D, handoff=None)
     expected = [0, 1, 2, 3, 7, 8, 12, 13, 14, 15, 16, 17]
     whole, new, d = hook.recompute([rows], positions)
-    assert new[0].tolist() == new[2].tolist() == expected and d == 6
+    assert new[0].tolist() == new[1].tolist() == expected and d == 6
     assert torch.equal(whole[0], embeds)
     # The image split across two chunks: each chunk's rows place themselves.
     step = positions
@@ -95,6 +95,15 @@ def test_hook_writes_original_positions_of_kept_rows_in_any_chunking():
     # Steps without pruned rows (decode, text-only) return the same tensor and delta.
     same, again, d = hook.recompute([], new)
     assert again is new and d == 6 and same == []
+
+
+def test_prompt_ending_in_image_rows_decodes_after_the_unpruned_prompt():
+    ctx = PromptContext(4, 10, 3, 3, NO_HANDOFF, [11, 12, 13], [])
+    positions, delta = initial_positions(7, [_feature(ctx, 3, 4)])
+    _, rows = _rows(ctx, torch.tensor([0, 2, 4, 6]))  # the last kept token is not the image's last
+    _, new, d = PositionsHook(D, handoff=None).recompute([rows], positions)
+    assert new[0].tolist() == [0, 1, 2, 3, 5, 7, 9]
+    assert d == delta == 6  # decode starts at 7 + 6 = 13, right after the unpruned prompt
 
 
 def test_hook_stashes_handoff_states_and_marks_their_rows():

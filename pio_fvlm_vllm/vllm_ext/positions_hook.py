@@ -8,9 +8,11 @@ each row of a pruned image carries its served index and original position in tra
 columns (and, for hand-off rows, its layer-h state), so the hook needs no chunk arithmetic and
 gives the same answer under chunked prefill, prefix-cache hits, preemption and re-gathers.
 
-The positions are three identical rows (M-RoPE with equal rows is plain RoPE); row 1 also
-carries hand-off marks (see `handoff.py`). Decode positions are `served index + delta`, with
-delta = Σ(N - k), on both the V1 runner and Model Runner V2.
+The language model reads row 0 of the three position rows. Row 1 carries hand-off marks (see
+`handoff.py`); row 2 keeps the values given on arrival, its last column the unpruned prompt's
+last position, from which the decode delta Σ(N - k) is read at every call, even when the prompt
+ends in image rows. Decode positions are `served index + delta` on both the V1 runner and
+Model Runner V2.
 """
 
 from __future__ import annotations
@@ -41,7 +43,10 @@ def initial_positions(num_tokens: int, mm_features: Sequence) -> tuple[torch.Ten
         if ctx is not None and ctx.pruned:
             spans.append(ImageSpan(feature.mm_position.offset, ctx.num_keep, ctx.num_tokens))
     positions, shift = original_positions(num_tokens, spans)
-    return positions.expand(NUM_POSITION_ROWS, -1).clone(), shift
+    rows = positions.expand(NUM_POSITION_ROWS, -1).clone()
+    if num_tokens:
+        rows[2, -1] = num_tokens - 1 + shift
+    return rows, shift
 
 
 def served_rows(embeds: torch.Tensor, kept: torch.Tensor, ctx: PromptContext, states: torch.Tensor | None
@@ -86,7 +91,7 @@ class PositionsHook:
             if rows.shape[-1] > width:
                 digits = rows[:, -POSITION_COLUMNS:]
                 served = decode_digits(digits[:, :NUM_DIGITS]).to(positions.device)
-                positions[:, served] = decode_digits(digits[:, NUM_DIGITS:]).to(positions.device, positions.dtype)
+                positions[:2, served] = decode_digits(digits[:, NUM_DIGITS:]).to(positions.device, positions.dtype)
                 if rows.shape[-1] == 2 * width + POSITION_COLUMNS and self.handoff is not None:
                     marks = self.handoff.stash(rows[:, width : 2 * width])
                     positions[1, served] = marks.to(positions.device, positions.dtype)
@@ -96,5 +101,4 @@ class PositionsHook:
 
     @staticmethod
     def delta(positions: torch.Tensor) -> int:
-        # The last prompt row is text, final from the start; decode continues after it.
-        return int(positions[0, -1]) + 1 - positions.shape[1]
+        return int(positions[2, -1]) + 1 - positions.shape[1]
