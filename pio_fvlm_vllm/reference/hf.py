@@ -3,10 +3,11 @@
 `HFReference` prunes *inside* the LLM: every token runs through the first K decoder layers,
 the proxy loss at layer K scores the image tokens, NMS selects them, and only the kept tokens
 (at their original positions) continue through layers K+1..L. The serving plugin instead
-prunes before layer 0 so the KV allocation shrinks in every layer, and the served prompt holds
-only k placeholders, so the tokens after the image move up (positions are renumbered);
-`placement="input"` here reproduces both on the same model, so the two can be compared token
-for token.
+prunes before layer 0 so the KV allocation shrinks in every layer, keeps every token at its
+unpruned position, and after layer h hands the first image's kept tokens and the text after it
+the states the unpruned prompt gives them; `placement="handoff"` reproduces that on the same
+model, so the two can be compared token for token (and `input_positions` / `input` the
+placements without the hand-off and with renumbered positions).
 
 The selection itself is the engine-independent code in `pio_fvlm_vllm.algorithm`; only the
 weight extraction and the forward pass are Hugging Face specific.
