@@ -300,8 +300,8 @@ def main(argv=None):
     p.add_argument("--name", default="quality")
     p.add_argument("--proxy-layer", type=int, default=2,
                    help="K for PIO-FVLM; the checkpoint grounds the question in decoder layer 2 of 4")
-    p.add_argument("--from-json", type=Path, help="rewrite the table and plot from a results JSON this script "
-                   "wrote, without evaluating")
+    p.add_argument("--from-json", type=Path, help="redraw the plot from a results JSON this script wrote, "
+                   "without evaluating")
     args = p.parse_args(argv)
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
