@@ -5,7 +5,10 @@
 
 Random weights of the chosen shape; the prefill runs the same pure-PyTorch decoder layers
 (SDPA or flash-attn) without autograd over [image tokens + text], the selection is the real
-`select_tokens` (proxy forward through K layers, layer-local backward, NMS). With
+`select_tokens` (proxy forward through K layers, layer-local backward, NMS), also split into
+its saliency and NMS parts, with the number of tensor ops one NMS call issues (each one a
+kernel launch on a GPU). The configurations are timed in turn within each repeat, so a
+machine whose speed drifts slows them alike; each gets its best time. With
 `--layers-measured M`, the full prefill is M layers timed and scaled to the model's depth
 (for shapes too slow to run whole on a CPU); the table says which.
 """
@@ -17,7 +20,10 @@ import time
 
 import torch
 
-from pio_fvlm_vllm.algorithm import DecoderLayerWeights, DecoderShape, ImageContext, ProxyWeights, select_tokens
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pio_fvlm_vllm.algorithm import (DecoderLayerWeights, DecoderShape, ImageContext, ProxyWeights, gradient_saliency,
+                                     nms_select, select_tokens)
 from pio_fvlm_vllm.algorithm.decoder import decoder_layer, rotary_cos_sin
 from pio_fvlm_vllm.budget import budget
 from pio_fvlm_vllm.settings import PioFvlmSettings
@@ -53,16 +59,31 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats):
-    fn()  # warm-up
+def timed_in_turn(fns: dict, device, repeats) -> dict:
+    """Best time of each callable, running them in turn within every repeat."""
+    for fn in fns.values():
+        fn()  # warm-up
     _sync(device)
-    best = float("inf")
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched inside the context (each is a kernel launch on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 @torch.no_grad()
@@ -95,6 +116,7 @@ def main(argv=None):
     hidden = SHAPES[args.shape][0]
 
     rows = []
+    settings = PioFvlmSettings()
     for n in args.n:
         g = torch.Generator(device="cpu").manual_seed(n)
         image = torch.randn(n, hidden, generator=g).to(device, dtype)
@@ -103,24 +125,39 @@ def main(argv=None):
         k_keep = budget(n, args.keep)
         full_x = torch.cat([ctx.prefix_embeds, image, ctx.suffix_embeds])[None]
         pruned_x = torch.cat([ctx.prefix_embeds, image[:k_keep], ctx.suffix_embeds])[None]
-        progress(f"n={n}: full prefill ({measured} of {depth} layers)")
-        t_full = timed(lambda: prefill(weights, full_x, measured), device, args.repeats) * depth / measured
-        t_pruned = timed(lambda: prefill(weights, pruned_x, measured), device, args.repeats) * depth / measured
         for k in args.k:
             proxy = ProxyWeights(weights.shape, weights.layers[:k], weights.final_norm, weights.lm_head)
-            progress(f"n={n} K={k}: selection")
-            t_sel = timed(lambda: select_tokens(proxy, [ctx], [k_keep], PioFvlmSettings()), device, args.repeats)
-            rows.append((n, k, k_keep, t_full, t_pruned, t_sel))
+            sal = gradient_saliency(proxy, [ctx], backprop_layers=settings.backprop_layers)
+
+            def nms():
+                return nms_select(sal.scores, sal.features, [k_keep], settings.nms_threshold,
+                                  inclusive=settings.nms_inclusive)
+
+            with OpCounter() as ops:
+                nms()
+            progress(f"n={n} K={k}: prefills ({measured} of {depth} layers), selection, saliency, NMS")
+            t = timed_in_turn({
+                "full": lambda: prefill(weights, full_x, measured),
+                "pruned": lambda: prefill(weights, pruned_x, measured),
+                "selection": lambda: select_tokens(proxy, [ctx], [k_keep], settings),
+                "saliency": lambda: gradient_saliency(proxy, [ctx], backprop_layers=settings.backprop_layers),
+                "nms": nms,
+            }, device, args.repeats)
+            scale = depth / measured
+            rows.append((n, k, k_keep, t["full"] * scale, t["pruned"] * scale, t["selection"], t["saliency"],
+                         t["nms"], ops.count))
 
     scaled = "" if measured == depth else f" (each prefill: {measured} layers timed, scaled to {depth})"
     lines = [f"Shape `{args.shape}` ({depth} layers, hidden {hidden}), {args.dtype} on {args.device}, "
              f"{args.text} text tokens, keep {args.keep}; best of {args.repeats}{scaled}.", "",
-             "| image tokens n | K | kept | full prefill s | pruned prefill s | selection s | "
-             "selection / full | selection / pruned | (pruned + selection) speed-up |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for n, k, kept, tf, tp, ts in rows:
-        lines.append(f"| {n} | {k} | {kept} | {tf:.3f} | {tp:.3f} | {ts:.3f} | {ts / tf:.1%} | "
-                     f"{ts / tp:.1%} | {tf / (tp + ts):.2f}x |")
+             "| image tokens n | K | kept | full prefill s | pruned prefill s | selection s | saliency s | "
+             "NMS s | NMS tensor ops | NMS / selection | selection / full | selection / pruned | "
+             "(pruned + selection) speed-up | free-selection speed-up |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n, k, kept, tf, tp, ts, tsal, tnms, ops in rows:
+        lines.append(f"| {n} | {k} | {kept} | {tf:.3f} | {tp:.3f} | {ts:.3f} | {tsal:.3f} | {tnms * 1e3:.1f} ms | "
+                     f"{ops} | {tnms / ts:.1%} | {ts / tf:.1%} | {ts / tp:.1%} | {tf / (tp + ts):.2f}x | "
+                     f"{tf / tp:.2f}x |")
     body = "\n".join(lines)
     print(body)
     write_result(args.out or f"selection_cost_{args.shape}_{args.device}.md", "Selection cost vs prefill", body)

@@ -1,6 +1,12 @@
 """What visual_keep buys a vLLM deployment: stock vLLM, the plugin at keep 1.0, and pruned
 keeps, side by side in one run against real `vllm serve` processes on loopback.
 
+Every pruned keep is also served with a free selection: the same server code and the same k
+per image, picked by uniform stride with no proxy pass (`PIO_FVLM_SELECTOR=uniform`). That is
+the speed-up pruning to k tokens could give at best; each plugin row says how much of it the
+plugin keeps (the ratio of the two speed-ups over stock), and what share of its TTFT the
+selection pass takes.
+
     python -m benchmarks.serving --checkpoint checkpoints/small --load-format dummy \\
         --requests 24 --concurrency 1 8 --keeps 1.0 0.5 0.222 0.111
     python -m benchmarks.serving --base-url http://gpu-host:8000 --model llava-hf/llava-v1.6-vicuna-7b-hf
@@ -162,23 +168,39 @@ def workload(n, seed=0):
                           synthetic_image(*SIZES[i % len(SIZES)], seed=seed + i)) for i in range(n)]
 
 
+FREE = "free selection"
+
+
 def table(results: list[Result]) -> str:
     stock = {r.concurrency: r for r in results if r.config == "stock"}
+    free = {(r.keep, r.concurrency): r for r in results if r.config.startswith(FREE)}
     lines = ["| config | conc. | TTFT p50 s | TTFT p99 s | latency p50 s | req/s | out tok/s | "
-             "prompt tok/req | KV peak | fits at once | selection s/image | TTFT vs stock | req/s vs stock |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "prompt tok/req | KV peak | fits at once | selection s/image | selection / TTFT | TTFT vs stock | "
+             "req/s vs stock | of free selection's gain (TTFT / req/s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         base = stock.get(r.concurrency)
         ttft_x = f"{base.ttft_p50 / r.ttft_p50:.2f}x" if base else "-"
         rps_x = f"{r.requests_per_s / base.requests_per_s:.2f}x" if base else "-"
-        sel = f"{r.selection_s_per_image:.3f}" if r.selection_s_per_image is not None else "-"
+        sel, share = "-", "-"
+        if r.selection_s_per_image is not None:
+            sel, share = f"{r.selection_s_per_image:.3f}", f"{r.selection_s_per_image / r.ttft_p50:.0%}"
+        ceiling = free.get((r.keep, r.concurrency))
+        kept = "-"
+        if ceiling is not None and ceiling is not r:
+            # Ratio of the speed-ups over stock: the stock time cancels.
+            kept = f"{ceiling.ttft_p50 / r.ttft_p50:.0%} / {r.requests_per_s / ceiling.requests_per_s:.0%}"
         lines.append(f"| {r.config} | {r.concurrency} | {r.ttft_p50:.3f} | {r.ttft_p99:.3f} | {r.latency_p50:.3f} | "
                      f"{r.requests_per_s:.3f} | {r.output_tokens_per_s:.1f} | {r.prompt_tokens_mean:.0f} | "
-                     f"{r.kv_usage_peak:.1%} | {r.max_concurrent_fit or '-'} | {sel} | {ttft_x} | {rps_x} |")
+                     f"{r.kv_usage_peak:.1%} | {r.max_concurrent_fit or '-'} | {sel} | {share} | {ttft_x} | "
+                     f"{rps_x} | {kept} |")
     errors = sum(r.errors for r in results)
     lines.append("")
     lines.append(f"Requests failed: {errors}. TTFT and latency from streamed responses; 'fits at once' = KV-cache "
-                 "capacity (tokens, from vllm:cache_config_info) / (mean prompt tokens + max_tokens).")
+                 "capacity (tokens, from vllm:cache_config_info) / (mean prompt tokens + max_tokens). "
+                 f"'{FREE}' = the plugin's server with `PIO_FVLM_SELECTOR=uniform`: the same k per image, no proxy "
+                 "pass. The last column is (plugin speed-up over stock) / (free selection's speed-up over stock) "
+                 "at the same keep and concurrency.")
     return "\n".join(lines)
 
 
@@ -190,15 +212,20 @@ def plot(results: list[Result], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for conc in sorted({r.concurrency for r in results}):
-        rs = [r for r in results if r.concurrency == conc and r.config != "stock"]
+        rs = [r for r in results if r.concurrency == conc and r.config.startswith("plugin")]
         keeps = [r.keep for r in rs]
         axes[0].plot(keeps, [r.ttft_p50 for r in rs], "o-", label=f"plugin, concurrency {conc}")
         axes[1].plot(keeps, [r.requests_per_s for r in rs], "o-", label=f"plugin, concurrency {conc}")
+        free = [r for r in results if r.concurrency == conc and r.config.startswith(FREE)]
+        if free:
+            axes[0].plot([r.keep for r in free], [r.ttft_p50 for r in free], "x:", label=f"{FREE}, concurrency {conc}")
+            axes[1].plot([r.keep for r in free], [r.requests_per_s for r in free], "x:")
         stock = [r for r in results if r.concurrency == conc and r.config == "stock"]
         if stock:
             axes[0].axhline(stock[0].ttft_p50, ls="--", color="grey", label=f"stock, concurrency {conc}")
             axes[1].axhline(stock[0].requests_per_s, ls="--", color="grey")
-    first = [r for r in results if r.concurrency == min(x.concurrency for x in results) and r.config != "stock"]
+    first = [r for r in results
+             if r.concurrency == min(x.concurrency for x in results) and r.config.startswith("plugin")]
     axes[2].bar([str(r.keep) for r in first], [r.prompt_tokens_mean for r in first])
     axes[0].set(xlabel="visual_keep", ylabel="TTFT p50 (s)", title="Time to first token", xscale="log")
     axes[1].set(xlabel="visual_keep", ylabel="requests / s", title="Throughput", xscale="log")
@@ -221,6 +248,8 @@ def main(argv=None):
     p.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.5, 0.222, 0.111])
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--no-stock", action="store_true", help="skip the stock vLLM baseline")
+    p.add_argument("--no-free-selection", action="store_true",
+                   help="skip the free-selection ceiling (uniform stride, no proxy) at the pruned keeps")
     p.add_argument("--server-arg", action="append", default=[], help="extra vllm serve argument (repeatable)")
     p.add_argument("--name", default="cpu_small")
     args = p.parse_args(argv)
@@ -257,6 +286,10 @@ def main(argv=None):
                 sweep(stock.base_url, model, [("stock", None)])
         with VllmServer(model, args=serve_args) as server:
             sweep(server.base_url, model, plugin_configs)
+        pruned = [k for k in args.keeps if k < 1.0]
+        if pruned and not args.no_free_selection:
+            with VllmServer(model, args=serve_args, env={"PIO_FVLM_SELECTOR": "uniform"}) as free:
+                sweep(free.base_url, model, [(f"{FREE} keep={k}", k) for k in pruned])
 
     body = table(results)
     print(body)

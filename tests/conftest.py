@@ -5,7 +5,7 @@ from pio_fvlm_vllm.algorithm import DecoderLayerWeights, DecoderShape, ProxyWeig
 
 
 def random_proxy(num_layers=2, hidden=32, heads=4, kv_heads=2, inter=64, vocab=50, seed=0,
-                 dtype=torch.float64) -> ProxyWeights:
+                 dtype=torch.float64, bias=False) -> ProxyWeights:
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape, scale=0.2):
@@ -20,6 +20,9 @@ def random_proxy(num_layers=2, hidden=32, heads=4, kv_heads=2, inter=64, vocab=5
             k_proj=r(kv_heads * hd, hidden), v_proj=r(kv_heads * hd, hidden),
             o_proj=r(hidden, heads * hd), post_norm=1 + r(hidden, scale=0.05),
             gate_proj=r(inter, hidden), up_proj=r(inter, hidden), down_proj=r(hidden, inter),
+            # Qwen2-style q/k/v biases
+            q_bias=r(heads * hd) if bias else None, k_bias=r(kv_heads * hd) if bias else None,
+            v_bias=r(kv_heads * hd) if bias else None,
         )
         for _ in range(num_layers)
     ]

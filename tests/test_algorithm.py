@@ -160,19 +160,30 @@ def test_visionzip_dominant_and_contextual():
     assert ((out.embeds[5:] >= lo - 1e-6) & (out.embeds[5:] <= hi + 1e-6)).all()
 
 
-def test_layer_at_several_positions_equals_full_layer_there(proxy):
+@pytest.mark.parametrize("bias", [False, True])
+def test_layer_at_several_positions_equals_full_layer_there(bias):
+    """Values folded into attention-pooled inputs: same outputs and input gradients, GQA and biases."""
     from pio_fvlm_vllm.algorithm.decoder import decoder_layer_at
     from pio_fvlm_vllm.algorithm.saliency import _pack, loss_rows
 
+    from .conftest import random_proxy
+
+    proxy = random_proxy(bias=bias)
     contexts = [_context(n=12, seed=1), _context(n=5, p=1, s=2, seed=2)]
     x, lengths = _pack(contexts, torch.float64)
     cos, sin = rotary_cos_sin(torch.arange(x.shape[1]).expand(2, -1), proxy.shape.head_dim,
                               proxy.shape.rope_theta, x.dtype)
-    full = decoder_layer(x, proxy.layers[0], proxy.shape, cos, sin)
     at = loss_rows(lengths, "four_before_last", x.device)
     assert at.tolist() == [[15, 16, 17, 18], [3, 4, 5, 6]]
-    torch.testing.assert_close(decoder_layer_at(x, proxy.layers[0], proxy.shape, cos, sin, at),
-                               full[torch.arange(2)[:, None], at])
+    x_full = x.clone().requires_grad_(True)
+    full = decoder_layer(x_full, proxy.layers[0], proxy.shape, cos, sin)[torch.arange(2)[:, None], at]
+    x_at = x.clone().requires_grad_(True)
+    got = decoder_layer_at(x_at, proxy.layers[0], proxy.shape, cos, sin, at)
+    torch.testing.assert_close(got, full)
+    probe = torch.randn_like(full)
+    (full * probe).sum().backward()
+    (got * probe).sum().backward()
+    torch.testing.assert_close(x_at.grad, x_full.grad)
 
 
 def test_four_positions_loss_is_the_mean_over_those_positions(proxy):

@@ -197,28 +197,35 @@ def decoder_layer_at(
 ) -> torch.Tensor:
     """x: (B, L, D), at: (B, P) positions -> (B, P, D): the layer's output at those positions only.
 
-    Exactly `decoder_layer(...)[b, at[b]]`, at a fraction of the cost: every position still
-    contributes its key and value, but only P queries attend and P tokens run the MLP. This is
-    all the proxy loss needs from the last proxy layer.
+    Exactly `decoder_layer(...)[b, at[b]]` up to rounding, at a fraction of the cost: every
+    position still contributes its key, but only P queries attend and P tokens run the MLP.
+    Values are never projected: a query's attention output for head h is
+    W_v[h] (sum_i p_hi * h_i) + b_v[h], so the P attention distributions pool the normed
+    inputs first and the (P, D) pools are projected instead of all L rows. Forward and
+    backward then cost one (L, D) x (D, Hkv*Dh) product each, for the keys. This is all the
+    proxy loss needs from the last proxy layer.
     """
     bsz, seq, _ = x.shape
     num = at.shape[1]
+    heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    groups = heads // kv_heads
     rows = torch.arange(bsz, device=x.device)[:, None]
-    h = _copy_to_tp(rms_norm(x, w.input_norm, shape.rms_norm_eps), tp_group)
-    q = F.linear(h[rows, at], w.q_proj, w.q_bias).view(bsz, num, shape.num_heads, shape.head_dim).transpose(1, 2)
-    k = F.linear(h, w.k_proj, w.k_bias).view(bsz, seq, shape.num_kv_heads, shape.head_dim).transpose(1, 2)
-    v = F.linear(h, w.v_proj, w.v_bias).view(bsz, seq, shape.num_kv_heads, shape.head_dim).transpose(1, 2)
+    h = _copy_to_tp(rms_norm(x, w.input_norm, shape.rms_norm_eps), tp_group)  # (B, L, D)
+    q = F.linear(h[rows, at], w.q_proj, w.q_bias).view(bsz, num, heads, head_dim).transpose(1, 2)
+    k = F.linear(h, w.k_proj, w.k_bias).view(bsz, seq, kv_heads, head_dim).transpose(1, 2)
     # cos/sin: (B, 1, L, Dh) -> the queries' rows (B, 1, P, Dh)
     q = apply_rotary(q, cos[rows, 0, at][:, None], sin[rows, 0, at][:, None])
-    k = apply_rotary(k, cos, sin)
-    if k.shape[1] != q.shape[1]:
-        groups = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    visible = torch.arange(seq, device=x.device)[None, None, :] <= at[:, :, None]  # (B, P, L)
-    attn = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None])  # (B, H, P, Dh)
+    k = apply_rotary(k, cos, sin)  # (B, Hkv, L, Dh)
+    q = q.reshape(bsz, kv_heads, groups * num, head_dim)  # query heads grouped under their KV head
+    logits = (q @ k.transpose(-1, -2)).view(bsz, heads, num, seq) * head_dim**-0.5
+    visible = torch.arange(seq, device=x.device)[None, :] <= at[:, :, None]  # (B, P, L)
+    probs = upcast(logits).masked_fill(~visible[:, None], float("-inf")).softmax(-1).to(h.dtype)
+    pooled = probs.flatten(1, 2) @ h  # (B, H*P, D)
+    v_weight = w.v_proj.view(kv_heads, 1, head_dim, -1).expand(-1, groups, -1, -1)  # (Hkv, G, Dh, D)
+    attn = torch.einsum("bhpd,hed->bhpe", pooled.view(bsz, heads, num, -1), v_weight.reshape(heads, head_dim, -1))
+    if w.v_bias is not None:
+        attn = attn + w.v_bias.view(kv_heads, 1, head_dim).repeat_interleave(groups, 0)  # (H, 1, Dh)
     out = x[rows, at] + _reduce_from_tp(F.linear(attn.transpose(1, 2).reshape(bsz, num, -1), w.o_proj), tp_group)
     h = _copy_to_tp(rms_norm(out, w.post_norm, shape.rms_norm_eps), tp_group)
     mlp = F.linear(F.silu(F.linear(h, w.gate_proj)) * F.linear(h, w.up_proj), w.down_proj)
     return out + _reduce_from_tp(mlp, tp_group)
-

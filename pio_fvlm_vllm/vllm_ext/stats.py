@@ -12,10 +12,14 @@ import json
 import os
 import tempfile
 import threading
-from dataclasses import asdict, dataclass
+from bisect import bisect_left
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 STATS_DIR_ENV = "PIO_FVLM_STATS_DIR"
+
+# Upper bounds (seconds) of the selection-time histogram's buckets; +Inf is implied.
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass
@@ -25,6 +29,9 @@ class SelectionCounters:
     tokens_kept: int = 0
     failures: int = 0
     seconds: float = 0.0
+    passes: int = 0
+    # passes per bucket of SECONDS_BUCKETS, the last entry for longer ones (not cumulative)
+    seconds_buckets: list[int] = field(default_factory=lambda: [0] * (len(SECONDS_BUCKETS) + 1))
 
 
 class SelectionStats:
@@ -42,6 +49,8 @@ class SelectionStats:
             c.tokens_kept += sum(tokens_kept)
             c.failures += int(failed)
             c.seconds += seconds
+            c.passes += 1
+            c.seconds_buckets[bisect_left(SECONDS_BUCKETS, seconds)] += 1
             self._persist(asdict(c))
 
     @staticmethod
@@ -78,7 +87,9 @@ def read_totals(directory: str | None = None) -> SelectionCounters:
         except (OSError, ValueError):
             continue  # being replaced right now; the next scrape reads it
         for name, value in values.items():
-            if hasattr(total, name):
+            if name == "seconds_buckets" and len(value) == len(total.seconds_buckets):
+                total.seconds_buckets = [a + b for a, b in zip(total.seconds_buckets, value)]
+            elif hasattr(total, name) and not isinstance(value, list):
                 setattr(total, name, getattr(total, name) + value)
     return total
 
@@ -87,7 +98,7 @@ class SelectionCollector:
     """Prometheus collector over the workers' counters."""
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
         t = read_totals()
         yield CounterMetricFamily("pio_fvlm_images_pruned", "Images the PIO-FVLM selection pass pruned",
@@ -101,6 +112,14 @@ class SelectionCollector:
                                   value=t.failures)
         yield CounterMetricFamily("pio_fvlm_selection_seconds", "Time spent in the selection pass",
                                   value=t.seconds)
+        cumulative, buckets = 0, []
+        for bound, count in zip([*map(str, SECONDS_BUCKETS), "+Inf"], t.seconds_buckets):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        yield HistogramMetricFamily(
+            "pio_fvlm_selection_pass_seconds",
+            "Duration of one selection pass (the images of one engine step: proxy, saliency, NMS)",
+            buckets=buckets, sum_value=t.seconds)
 
 
 _collector_registered = False

@@ -1,12 +1,14 @@
 """The plugin in a real `vllm serve` process, through the OpenAI client on loopback."""
 
 import json
+import re
 import threading
 import urllib.request
 
 import pytest
 
 from pio_fvlm_vllm.budget import budget
+from pio_fvlm_vllm.serving import fetch_metrics
 
 from .helpers import chat, messages, metric, post_chat
 
@@ -135,6 +137,7 @@ def test_prometheus_metrics_count_the_selection(client, model_name, server):
     before = metric(server.base_url, "pio_fvlm_image_tokens_kept_total") or 0.0
     failures_before = metric(server.base_url, "pio_fvlm_selection_failures_total") or 0.0
     seen_before = metric(server.base_url, "pio_fvlm_image_tokens_seen_total") or 0.0
+    passes_before = metric(server.base_url, "pio_fvlm_selection_pass_seconds_count") or 0.0
     _, kept, total = _counts(client, model_name, messages(seed=20), 0.1)
     after = metric(server.base_url, "pio_fvlm_image_tokens_kept_total")
     seen_after = metric(server.base_url, "pio_fvlm_image_tokens_seen_total")
@@ -142,6 +145,13 @@ def test_prometheus_metrics_count_the_selection(client, model_name, server):
     assert seen_after - seen_before == total
     assert metric(server.base_url, "pio_fvlm_selection_seconds_total") > 0
     assert metric(server.base_url, "pio_fvlm_selection_failures_total") == failures_before
+    # The selection-time histogram: one more pass, its sum the seconds counter, buckets cumulative.
+    assert metric(server.base_url, "pio_fvlm_selection_pass_seconds_count") == passes_before + 1
+    assert metric(server.base_url, "pio_fvlm_selection_pass_seconds_sum") == pytest.approx(
+        metric(server.base_url, "pio_fvlm_selection_seconds_total"))
+    text = fetch_metrics(server.base_url)
+    buckets = [float(v) for v in re.findall(r'^pio_fvlm_selection_pass_seconds_bucket{le="[^"]+"} (\S+)$', text, re.M)]
+    assert len(buckets) == 14 and buckets == sorted(buckets) and buckets[-1] == passes_before + 1
 
 
 def test_streaming_carries_the_header(server, model_name):
