@@ -73,7 +73,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x32 = upcast(x)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if _in_place_ok(x32):
+        return x32.to(dtype).mul_(weight)
     return weight * x32.to(dtype)
+
+
+def _in_place_ok(*tensors: torch.Tensor) -> bool:
+    """Without autograd, fresh intermediates can be overwritten: fewer large allocations, which
+    on a CPU cost page faults on every call, and fewer passes over memory."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 @lru_cache(maxsize=8)
@@ -96,6 +104,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if _in_place_ok(x, cos, sin):
+        return _rotate_half(x).mul_(sin).add_(x * cos)
     return x * cos + _rotate_half(x) * sin
 
 
@@ -180,10 +190,23 @@ def decoder_layer(
     q = apply_rotary(q.transpose(1, 2), cos, sin)
     k = apply_rotary(k.transpose(1, 2), cos, sin)
     attn = causal_attention(q, k, v.transpose(1, 2))  # (B, H, L, Dh)
-    x = x + _reduce_from_tp(F.linear(attn.transpose(1, 2).reshape(bsz, seq, -1), w.o_proj), tp_group)
+    x = _residual(x, _reduce_from_tp(F.linear(attn.transpose(1, 2).reshape(bsz, seq, -1), w.o_proj), tp_group))
     h = _copy_to_tp(rms_norm(x, w.post_norm, shape.rms_norm_eps), tp_group)
-    mlp = F.linear(F.silu(F.linear(h, w.gate_proj)) * F.linear(h, w.up_proj), w.down_proj)
-    return x + _reduce_from_tp(mlp, tp_group)
+    return _residual(x, _reduce_from_tp(_mlp(h, w), tp_group))
+
+
+def _mlp(h: torch.Tensor, w: DecoderLayerWeights) -> torch.Tensor:
+    gate = F.linear(h, w.gate_proj)
+    if _in_place_ok(h, gate):
+        return F.linear(F.silu(gate, inplace=True).mul_(F.linear(h, w.up_proj)), w.down_proj)
+    return F.linear(F.silu(gate) * F.linear(h, w.up_proj), w.down_proj)
+
+
+def _residual(x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """x + update; `update` is a fresh tensor, so without autograd it takes the sum."""
+    if _in_place_ok(x, update):
+        return update.add_(x)
+    return x + update
 
 
 def decoder_layer_at(
@@ -227,5 +250,4 @@ def decoder_layer_at(
         attn = attn + w.v_bias.view(kv_heads, 1, head_dim).repeat_interleave(groups, 0)  # (H, 1, Dh)
     out = x[rows, at] + _reduce_from_tp(F.linear(attn.transpose(1, 2).reshape(bsz, num, -1), w.o_proj), tp_group)
     h = _copy_to_tp(rms_norm(out, w.post_norm, shape.rms_norm_eps), tp_group)
-    mlp = F.linear(F.silu(F.linear(h, w.gate_proj)) * F.linear(h, w.up_proj), w.down_proj)
-    return out + _reduce_from_tp(mlp, tp_group)
+    return _residual(out, _reduce_from_tp(_mlp(h, w), tp_group))
