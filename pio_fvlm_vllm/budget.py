@@ -25,7 +25,10 @@ def validate_visual_keep(value: Any, field: str = VISUAL_KEEP_FIELD) -> float:
         raise ValueError(
             f"{field} must be {KEEP_RANGE_TEXT}, got {type(value).__name__} {value!r}"
         )
-    keep = float(value)
+    try:
+        keep = float(value)
+    except OverflowError:  # an int too large for a float
+        raise ValueError(f"{field} must be {KEEP_RANGE_TEXT}, got an integer too large to be one") from None
     if not math.isfinite(keep) or not 0.0 < keep <= 1.0:
         raise ValueError(f"{field} must be {KEEP_RANGE_TEXT}, got {value!r}")
     return keep

@@ -29,6 +29,10 @@ OFFICIAL_SCORING = {
 # prunes LLaVA-NeXT-7B (32 layers) at layer 2; shallower models keep the same share.
 _DEFAULT_PROXY_LAYER_BY_DEPTH = {32: 2, 40: 3, 60: 4, 80: 5}
 
+# Variables with the prefix that are not settings: the metrics directory shared by the
+# server's processes, the test fault injector, and the set-up script's options.
+_OTHER_ENV = {"PIO_FVLM_STATS_DIR", "PIO_FVLM_TEST_FAIL_ON_TOKENS", "PIO_FVLM_VENV", "PIO_FVLM_EXTRAS"}
+
 
 def default_proxy_layer(num_hidden_layers: int) -> int:
     if num_hidden_layers in _DEFAULT_PROXY_LAYER_BY_DEPTH:
@@ -143,11 +147,14 @@ class PioFvlmSettings(BaseModel):
         k = (self.proxy_layer or default_proxy_layer(num_hidden_layers)) + (self.scoring == "official")
         if k > num_hidden_layers:
             raise ValueError(
-                f"proxy_layer must be in [1, {num_hidden_layers}] for this model, got {k}"
+                f"proxy_layer ({ENV_PREFIX}PROXY_LAYER) must be in [1, {num_hidden_layers - (self.scoring == 'official')}] "
+                f"for this model of {num_hidden_layers} decoder layers, got {self.proxy_layer}"
+                + (" (official scoring runs one more layer)" if self.scoring == "official" else "")
             )
         if self.backprop_layers > k:
             raise ValueError(
-                f"backprop_layers must be in [1, {k}] (the proxy layer K), got {self.backprop_layers}"
+                f"backprop_layers ({ENV_PREFIX}BACKPROP_LAYERS) must be in [1, {k}] (the proxy layer K), "
+                f"got {self.backprop_layers}"
             )
         return k
 
@@ -156,17 +163,25 @@ class PioFvlmSettings(BaseModel):
         top = self.proxy_layer_for(num_hidden_layers) - self.backprop_layers
         if self.selector != "pio_fvlm":
             if self.handoff_layer:
-                raise ValueError(f"handoff_layer needs selector pio_fvlm (its proxy pass), got {self.selector}")
+                raise ValueError(f"handoff_layer ({ENV_PREFIX}HANDOFF_LAYER) needs selector pio_fvlm (its proxy "
+                                 f"pass), got {self.selector}")
             return 0
         if self.handoff_layer is None:
             # The layer whose output the gradient is taken at: the paper's pruning point.
             return top
         if self.handoff_layer > top:
             raise ValueError(
-                f"handoff_layer must be in [0, {top}] (proxy_layer K - backprop_layers), got "
-                f"{self.handoff_layer}"
+                f"handoff_layer ({ENV_PREFIX}HANDOFF_LAYER) must be in [0, {top}] (proxy_layer K - "
+                f"backprop_layers), got {self.handoff_layer}"
             )
         return self.handoff_layer
+
+    @classmethod
+    def unknown_env(cls, environ: Mapping[str, str] | None = None) -> list[str]:
+        """`PIO_FVLM_*` variables that name no setting (typos, most likely)."""
+        environ = os.environ if environ is None else environ
+        known = {ENV_PREFIX + name.upper() for name in cls.model_fields} | _OTHER_ENV
+        return sorted(k for k in environ if k.startswith(ENV_PREFIX) and k not in known)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "PioFvlmSettings":

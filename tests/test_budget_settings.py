@@ -55,9 +55,11 @@ def test_settings_env_errors_name_the_variable(env, message):
 def test_proxy_layer_defaults():
     assert default_proxy_layer(32) == 2
     assert 1 <= default_proxy_layer(4) <= 4
-    with pytest.raises(ValueError, match="proxy_layer must be in"):
+    with pytest.raises(ValueError, match=r"proxy_layer \(PIO_FVLM_PROXY_LAYER\) must be in \[1, 4\] .* got 9"):
         PioFvlmSettings(proxy_layer=9).proxy_layer_for(4)
-    with pytest.raises(ValueError, match=r"backprop_layers must be in \[1, 2\]"):
+    with pytest.raises(ValueError, match=r"\[1, 3\] .* got 4 \(official scoring runs one more layer\)"):
+        PioFvlmSettings(proxy_layer=4, scoring="official").proxy_layer_for(4)
+    with pytest.raises(ValueError, match=r"backprop_layers \(PIO_FVLM_BACKPROP_LAYERS\) must be in \[1, 2\]"):
         PioFvlmSettings(proxy_layer=2, backprop_layers=3).proxy_layer_for(32)
 
 
@@ -82,9 +84,19 @@ def test_handoff_layer_defaults_and_bounds():
     assert PioFvlmSettings(proxy_layer=1).handoff_layer_for(32) == 0  # nothing free to hand off
     assert PioFvlmSettings(scoring="official").handoff_layer_for(32) == 2  # the official pruning point
     assert PioFvlmSettings(selector="uniform").handoff_layer_for(32) == 0
-    with pytest.raises(ValueError, match=r"handoff_layer must be in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"handoff_layer \(PIO_FVLM_HANDOFF_LAYER\) must be in \[0, 1\]"):
         PioFvlmSettings(handoff_layer=2).handoff_layer_for(32)
     with pytest.raises(ValueError, match="PIO_FVLM_NMS_INCLUSIVE must be true or false"):
         PioFvlmSettings.from_env({"PIO_FVLM_NMS_INCLUSIVE": "maybe"})
     with pytest.raises(ValueError, match="PIO_FVLM_SELECTOR"):
         PioFvlmSettings.from_env({"PIO_FVLM_SELECTOR": "best"})
+
+
+def test_unknown_prefixed_variables_are_listed():
+    env = {"PIO_FVLM_VISUAL_KEEP": "0.5", "PIO_FVLM_VISUALKEEP": "0.5", "PIO_FVLM_STATS_DIR": "/x", "OTHER": "1"}
+    assert PioFvlmSettings.unknown_env(env) == ["PIO_FVLM_VISUALKEEP"]
+
+
+def test_keep_as_a_huge_integer_names_the_field():
+    with pytest.raises(ValueError, match=r"^visual_keep must be a number in \(0, 1\], got an integer too large"):
+        validate_visual_keep(10**400)

@@ -66,3 +66,63 @@ def test_sharded_saliency_equals_single_process(backprop_layers):
                                  backprop_layers=backprop_layers).scores
     for rank in range(WORLD):
         torch.testing.assert_close(results[rank], expected, rtol=1e-9, atol=1e-12)
+
+
+def _agreement_worker(rank, port, failing_rank, phase, queue):
+    """Rank `failing_rank` fails alone: its inputs (`prepare`), its budgets (`budget`), both
+    before the proxy's collectives, or its NMS (`nms`), after them."""
+    import sys
+
+    from pio_fvlm_vllm.algorithm import Selection, select_on_every_rank, uniform_stride
+    from pio_fvlm_vllm.settings import PioFvlmSettings
+
+    if rank == failing_rank and phase == "nms":
+        def broken_nms(*args, **kwargs):
+            raise RuntimeError("this rank's NMS failed")
+
+        sys.modules["pio_fvlm_vllm.algorithm.select"].nms_select = broken_nms
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        proxy = shard(random_proxy(), rank, WORLD, dist.group.WORLD)
+        contexts = [_context(seed=7), _context(n=9, seed=8)]
+        budgets = [3, 2]
+
+        def prepare():
+            if rank == failing_rank and phase == "prepare":
+                raise RuntimeError("this rank's inputs failed")
+            return contexts
+
+        settings = PioFvlmSettings()
+        if rank == failing_rank and phase == "budget":
+            budgets = [3, 99]  # more than the image has
+        selection, failed = select_on_every_rank(
+            proxy, prepare, budgets, settings,
+            fallback=lambda: Selection([uniform_stride(c.num_image_tokens, k) for c, k in zip(contexts, [3, 2])],
+                                       [None, None]))
+        queue.put((rank, failed, [k.tolist() for k in selection.kept]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("failing_rank, phase", [(None, None), (1, "prepare"), (0, "budget"), (1, "nms")])
+def test_a_failure_on_one_rank_sends_every_rank_to_the_fallback(failing_rank, phase):
+    """No rank is left waiting in a collective, and all ranks serve the same tokens."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_agreement_worker, args=(r, port, failing_rank, phase, queue)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    results = dict((r, (f, k)) for r, f, k in (queue.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert results[0] == results[1]
+    failed, kept = results[0]
+    assert failed == (failing_rank is not None)
+    if failed:
+        assert kept == [[0, 6, 11], [0, 8]]  # the fallback's uniform stride over 12 and 9 tokens

@@ -3,7 +3,8 @@
 from .decoder import DecoderLayerWeights, DecoderShape, ProxyWeights, decoder_layer
 from .nms import nms_select
 from .saliency import ImageContext, Saliency, gradient_saliency, proxy_loss
-from .select import Selection, seeded_random, select, select_tokens, uniform_stride
+from .select import (Selection, all_ranks_agree, seeded_random, select, select_on_every_rank, select_tokens,
+                     uniform_stride)
 from .visionzip import VisionZipResult, cls_attention, visionzip_compress
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "nms_select",
     "proxy_loss",
     "select",
+    "select_on_every_rank",
+    "all_ranks_agree",
     "seeded_random",
     "select_tokens",
     "uniform_stride",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +12,8 @@ from ..settings import PioFvlmSettings
 from .decoder import ProxyWeights
 from .nms import nms_select
 from .saliency import ImageContext, gradient_saliency
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,15 +45,12 @@ def select(
     handoff_layer: int = 0,
 ) -> Selection:
     """`select_tokens`, plus each pruned context's states after `handoff_layer` layers."""
-    if len(num_keep) != len(contexts):
-        raise ValueError(f"got {len(num_keep)} budgets for {len(contexts)} images")
+    _check_budgets(contexts, num_keep)
     result: list[torch.Tensor | None] = [None] * len(contexts)
     states: list[torch.Tensor | None] = [None] * len(contexts)
     todo = []
     for i, (ctx, k) in enumerate(zip(contexts, num_keep)):
         n = ctx.num_image_tokens
-        if not 0 < k <= n:
-            raise ValueError(f"budget for image {i} must be in [1, {n}], got {k}")
         if k == n:
             result[i] = torch.arange(n, device=ctx.image_embeds.device)
         else:
@@ -71,6 +72,66 @@ def select(
             if sal.handoff_states is not None:
                 states[i] = sal.handoff_states[j]
     return Selection(result, states)  # type: ignore[arg-type]
+
+
+def _check_budgets(contexts: list[ImageContext], num_keep: list[int]) -> None:
+    if len(num_keep) != len(contexts):
+        raise ValueError(f"got {len(num_keep)} budgets for {len(contexts)} images")
+    for i, (ctx, k) in enumerate(zip(contexts, num_keep)):
+        if not 0 < k <= ctx.num_image_tokens:
+            raise ValueError(f"budget for image {i} must be in [1, {ctx.num_image_tokens}], got {k}")
+
+
+def all_ranks_agree(ok: bool, group, device: torch.device | str = "cpu") -> bool:
+    """True when `ok` holds on every rank of the tensor-parallel `group` (no group: `ok`)."""
+    if group is None:
+        return ok
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def select_on_every_rank(
+    weights: ProxyWeights,
+    prepare: Callable[[], list[ImageContext]],
+    num_keep: list[int],
+    settings: PioFvlmSettings,
+    fallback: Callable[[], Selection],
+    handoff_layer: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[Selection, bool]:
+    """`select` under tensor parallelism, where the proxy's layers all-reduce across ranks and
+    every rank must serve the same tokens: the ranks run it together or none does.
+
+    `prepare` builds this rank's contexts; the ranks agree that it and the budget checks
+    succeeded everywhere before the first collective (a rank that failed alone would leave the
+    others waiting in it), and agree after that every rank's selection succeeded. Otherwise
+    every rank takes `fallback`. Returns the selection and whether it is the fallback.
+
+    A rank that fails inside the proxy's layers, between two of their collectives, is not
+    covered: the others wait in the next one, as they would for a failure in the engine's own
+    forward.
+    """
+    group = weights.tp_group
+    contexts: list[ImageContext] = []
+    try:
+        contexts = prepare()
+        _check_budgets(contexts, num_keep)
+        ready = True
+    except Exception:  # noqa: BLE001 - this rank's failure is agreed on below
+        _log.exception("PIO-FVLM selection inputs failed on this rank")
+        ready = False
+    if not all_ranks_agree(ready, group, device):
+        return fallback(), True
+    try:
+        selection = select(weights, contexts, num_keep, settings, handoff_layer=handoff_layer)
+        done = True
+    except Exception:  # noqa: BLE001 - as above
+        _log.exception("PIO-FVLM selection failed on this rank")
+        done = False
+    if not all_ranks_agree(done, group, device):
+        return fallback(), True
+    return selection, False
 
 
 def seeded_random(num_tokens: int, num_keep: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:

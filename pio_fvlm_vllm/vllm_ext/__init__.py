@@ -6,9 +6,16 @@ ARCHITECTURE = "LlavaNextForConditionalGeneration"
 MODEL_CLASS = "pio_fvlm_vllm.vllm_ext.model:PioFvlmLlavaNextForConditionalGeneration"
 
 
-def install() -> None:
+def is_front_end_process() -> bool:
+    """The process that parses the command line, or one of the API-server processes vLLM
+    spawns with `--api-server-count N` (named `ApiServer_<i>`): both render requests and serve
+    HTTP. Engine and worker processes need the model only."""
     import multiprocessing
 
+    return multiprocessing.parent_process() is None or multiprocessing.current_process().name.startswith("ApiServer")
+
+
+def install() -> None:
     from vllm import ModelRegistry
 
     from .engine_config import enable_cpu_pruning_hook, install_engine_config
@@ -17,15 +24,14 @@ def install() -> None:
     ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
     install_engine_config(ARCHITECTURE)
     enable_cpu_pruning_hook()
-    if multiprocessing.parent_process() is not None:
-        return  # engine and worker processes: the model is all they need
-    # The front-end process: parses the command line, renders requests, serves HTTP.
+    if not is_front_end_process():
+        return
     from .cli import install_cli_flag
-    from .observability import install_response_header
+    from .observability import install_http_middleware
     from .requests import install_request_routing
 
     ensure_stats_dir()  # before the engine processes start, so they inherit it
     register_collector()
     install_cli_flag()
     install_request_routing()
-    install_response_header()
+    install_http_middleware()

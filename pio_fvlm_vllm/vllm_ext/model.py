@@ -28,7 +28,8 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from ..algorithm import ImageContext, ProxyWeights, Selection, seeded_random, select, uniform_stride
+from ..algorithm import (ImageContext, ProxyWeights, Selection, seeded_random, select, select_on_every_rank,
+                         uniform_stride)
 from ..settings import PioFvlmSettings
 from .context import CONTEXT_FIELD, PromptContext
 from .engine_config import missing_engine_config
@@ -214,14 +215,26 @@ class PioFvlmLlavaNextForConditionalGeneration(
             return Selection([uniform_stride(img.shape[0], k, img.device) for img, k in zip(images, budgets)],
                              [None] * len(images)), True
         device = images[0].device
-        image_contexts = [
-            ImageContext(
-                image_embeds=img,
-                prefix_embeds=self._embed_text(c.prefix_ids, device),
-                suffix_embeds=self._embed_text(c.suffix_ids, device),
+
+        def prepare() -> list[ImageContext]:
+            if _FAIL_ON_TOKENS and any(_contains(c.suffix_ids, _FAIL_ON_TOKENS) for c in contexts):
+                raise RuntimeError("injected selection failure (PIO_FVLM_TEST_FAIL_ON_TOKENS)")
+            return [self._image_context(img, c) for img, c in zip(images, contexts)]
+
+        if self.pio_proxy.tp_group is not None:
+            # Every rank must serve the same tokens, and a rank failing alone must not leave the
+            # others waiting in the proxy's all-reduce: the ranks agree, or all fall back.
+            selection, failed = select_on_every_rank(
+                self.pio_proxy, prepare, budgets, self.pio_settings,
+                fallback=lambda: Selection([uniform_stride(img.shape[0], k, device) for img, k in zip(images, budgets)],
+                                           [None] * len(images)),
+                handoff_layer=self._handoff_layer_for(contexts), device=device,
             )
-            for img, c in zip(images, contexts)
-        ]
+            if failed:
+                logger.error("PIO-FVLM selection failed on a tensor-parallel rank; every rank uses "
+                             "uniform-stride selection for this batch")
+            return selection, failed
+        image_contexts = [self._image_context(img, c) for img, c in zip(images, contexts)]
         try:
             return self._run_selection(image_contexts, budgets, contexts), False
         except Exception:
@@ -253,8 +266,15 @@ class PioFvlmLlavaNextForConditionalGeneration(
                        contexts: list[PromptContext]) -> Selection:
         if _FAIL_ON_TOKENS and any(_contains(c.suffix_ids, _FAIL_ON_TOKENS) for c in contexts):
             raise RuntimeError("injected selection failure (PIO_FVLM_TEST_FAIL_ON_TOKENS)")
-        handoff = self.pio_handoff_layer if any(c.handoff for c in contexts) else 0
-        return select(self.pio_proxy, image_contexts, budgets, self.pio_settings, handoff_layer=handoff)
+        return select(self.pio_proxy, image_contexts, budgets, self.pio_settings,
+                      handoff_layer=self._handoff_layer_for(contexts))
+
+    def _handoff_layer_for(self, contexts: list[PromptContext]) -> int:
+        return self.pio_handoff_layer if any(c.handoff for c in contexts) else 0
+
+    def _image_context(self, image: torch.Tensor, ctx: PromptContext) -> ImageContext:
+        return ImageContext(image_embeds=image, prefix_embeds=self._embed_text(ctx.prefix_ids, image.device),
+                            suffix_embeds=self._embed_text(ctx.suffix_ids, image.device))
 
     def _embed_text(self, ids: list[int], device: torch.device) -> torch.Tensor:
         tokens = torch.tensor(ids, dtype=torch.long, device=device)

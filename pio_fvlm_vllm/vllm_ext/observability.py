@@ -70,7 +70,9 @@ def note_rendered(engine_inputs: Iterable[dict]) -> None:
         return
     counts = image_token_counts(engine_inputs)
     if counts is not None:
-        holder["counts"] = counts
+        # A batch request renders each conversation in turn: the header sums them.
+        kept, total = holder.get("counts", (0, 0))
+        holder["counts"] = (kept + counts[0], total + counts[1])
 
 
 class ImageTokensHeaderMiddleware:
@@ -99,7 +101,7 @@ class ImageTokensHeaderMiddleware:
             _current.reset(token)
 
 
-def install_response_header() -> None:
+def install_http_middleware() -> None:
     from vllm.entrypoints.launchers import app as app_module
 
     original = app_module.init_entrypoints_middleware
@@ -107,8 +109,11 @@ def install_response_header() -> None:
         return
 
     def init_entrypoints_middleware(args, app, *rest, **kwargs):
+        from .requests import RawKeepMiddleware
+
         result = original(args, app, *rest, **kwargs)
         app.add_middleware(ImageTokensHeaderMiddleware)
+        app.add_middleware(RawKeepMiddleware)
         return result
 
     init_entrypoints_middleware.__pio_fvlm__ = True

@@ -6,7 +6,7 @@ so that text's rows travel with the image's encoder output and take over the pro
 
 The request's keep ratio arrives as the processor kwarg `visual_keep` (routed there from the
 OpenAI body, `vllm_xargs` or `SamplingParams.extra_args`, see `requests.py`), or from the
-server default. Fewer placeholder tokens is what shrinks the request's KV-cache allocation:
+server default: `--mm-processor-kwargs '{"visual_keep": ...}'`, else `PIO_FVLM_VISUAL_KEEP`. Fewer placeholder tokens is what shrinks the request's KV-cache allocation:
 the scheduler sizes a request from its prompt length.
 """
 
@@ -30,11 +30,22 @@ from .observability import IMAGE_TOTALS
 # Processor kwargs private to the plugin. They take part in the multimodal hash (so the
 # encoder cache, the processor cache and prefix caching tell questions apart) and are
 # removed before the Hugging Face processor is called.
+_PRIVATE_PREFIX = "_pio_fvlm"
 _KEEP_KWARG = "_pio_fvlm_keep"
 _PROMPT_KWARG = "_pio_fvlm_prompt"
 _PRIVATE_KWARGS = (_KEEP_KWARG, _PROMPT_KWARG)
 
 _CONTEXT_FIELD_TYPE = MultiModalBatchedField(keep_on_cpu=True)
+
+
+def server_default_keep(model_config, settings: PioFvlmSettings) -> float:
+    """The keep ratio of requests that do not name one: vLLM's `--mm-processor-kwargs`
+    `visual_keep` when given, else `PIO_FVLM_VISUAL_KEEP` (1.0 unless set)."""
+    mm_config = getattr(model_config, "multimodal_config", None)
+    raw = (getattr(mm_config, "mm_processor_kwargs", None) or {}).get(VISUAL_KEEP_FIELD)
+    if raw is None:
+        return settings.visual_keep
+    return validate_visual_keep(raw, field="--mm-processor-kwargs visual_keep")
 
 
 def _prompt_digest(prompt_ids: Sequence[int]) -> str:
@@ -59,14 +70,22 @@ class PioFvlmLlavaNextProcessor(LlavaNextMultiModalProcessor):
     def _request_keep(self, kwargs: dict[str, object]) -> float:
         raw = kwargs.pop(VISUAL_KEEP_FIELD, None)
         if raw is None:
-            return self.server_settings().visual_keep
+            return server_default_keep(self.info.ctx.model_config, self.server_settings())
         return validate_visual_keep(raw)
 
     def apply(self, inputs, timing_ctx):
         kwargs = dict(inputs.hf_processor_mm_kwargs)
+        private = sorted(k for k in kwargs if isinstance(k, str) and k.startswith(_PRIVATE_PREFIX))
+        if private:
+            # They would let one request plant its embeddings under another request's hash.
+            raise ValueError(f"mm_processor_kwargs.{private[0]} is internal to the pio_fvlm plugin and "
+                             f"cannot be sent")
         keep = self._request_keep(kwargs)
         prune = keep < 1.0 and len(inputs.mm_data_items.get("image", ())) > 0
         if prune:
+            # Before the Hugging Face processor runs: its cost grows with the images sent.
+            self._check_unpruned_length(sum(
+                self._stock_num_tokens(inputs.mm_data_items, i) for i in range(len(inputs.mm_data_items["image"]))))
             kwargs[_KEEP_KWARG] = keep
             kwargs[_PROMPT_KWARG] = _prompt_digest(inputs.prompt)
         result = super().apply(replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
@@ -128,7 +147,7 @@ class PioFvlmLlavaNextProcessor(LlavaNextMultiModalProcessor):
         max_len = self.info.ctx.model_config.max_model_len
         if unpruned_len > max_len:
             raise ValueError(
-                f"visual_keep: this prompt is {unpruned_len} tokens before pruning, more than the "
+                f"visual_keep: this prompt is at least {unpruned_len} tokens before pruning, more than the "
                 f"model's maximum context length of {max_len}; pruned tokens keep their original "
                 f"positions, so the unpruned prompt must fit. Send fewer or smaller images."
             )

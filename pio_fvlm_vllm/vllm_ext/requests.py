@@ -1,16 +1,22 @@
 """Routes a request's `visual_keep` to the multimodal processor, where placeholders are made.
 
-Accepted from: the top level of an OpenAI request body (`extra_body={"visual_keep": 0.11}`),
-`vllm_xargs={"visual_keep": 0.11}`, and `SamplingParams(extra_args={"visual_keep": 0.11})` in
-offline `LLM.generate` / `LLM.chat`. Invalid values are rejected with a validation error
-naming `visual_keep` (HTTP 400 on the server). Per-request `mm_processor_kwargs` stay behind
-vLLM's `--trust-request-mm-kwargs`; `visual_keep` is exempt because it can only lower a
-request's resource use.
+Accepted from: the top level of an OpenAI or Anthropic (`/v1/messages`) request body
+(`extra_body={"visual_keep": 0.11}`), `vllm_xargs={"visual_keep": 0.11}`, per-request
+`mm_processor_kwargs`, and `SamplingParams(extra_args={"visual_keep": 0.11})` in offline
+`LLM.generate` / `LLM.chat`. Invalid values, places that disagree, look-alike keys
+(`visualKeep`, `visual_kep`) and a keep sent to a model the plugin does not prune are rejected
+with a validation error naming the field (HTTP 400 on the server). Per-request
+`mm_processor_kwargs` stay behind vLLM's `--trust-request-mm-kwargs`; `visual_keep` is exempt:
+a request's unpruned prompt is bounded as stock vLLM bounds it (see `processor.py`), so a keep
+ratio cannot raise its cost above stock's.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
+import json
+from collections.abc import Iterable
 from typing import Any
 
 from vllm.exceptions import VLLMValidationError
@@ -26,23 +32,126 @@ def _validated(value: Any, where: str) -> float:
         raise VLLMValidationError(str(exc), parameter=VISUAL_KEEP_FIELD, value=value) from None
 
 
+def _normalised(key: str) -> str:
+    return key.lower().replace("_", "").replace("-", "")
+
+
+def _looks_like_visual_keep(key: str) -> bool:
+    if key == VISUAL_KEEP_FIELD:
+        return False
+    norm = _normalised(key)
+    return difflib.SequenceMatcher(None, norm, _normalised(VISUAL_KEEP_FIELD)).ratio() >= 0.85
+
+
+def refuse_look_alikes(keys: Iterable[str], where: str = "") -> None:
+    """A key that is almost `visual_keep` is a typo the request would otherwise silently lose."""
+    for key in keys:
+        if isinstance(key, str) and _looks_like_visual_keep(key):
+            raise VLLMValidationError(
+                f"unknown field {where}{key!r}: did you mean {where}{VISUAL_KEEP_FIELD}?",
+                parameter=f"{where}{key}",
+            )
+
+
 def request_visual_keep(request: Any) -> float | None:
     """The keep ratio an OpenAI request asks for, validated; None when it does not say."""
-    top = (getattr(request, "model_extra", None) or {}).get(VISUAL_KEEP_FIELD)
+    top = getattr(request, "model_extra", None) or {}
     xargs = getattr(request, "vllm_xargs", None) or {}
-    nested = xargs.get(VISUAL_KEEP_FIELD)
-    values = {}
+    mm_kwargs = getattr(request, "mm_processor_kwargs", None) or {}
+    refuse_look_alikes(top)
+    refuse_look_alikes(xargs, "vllm_xargs.")
+    refuse_look_alikes(mm_kwargs, "mm_processor_kwargs.")
     # JSON null means "not set", as for every optional OpenAI field.
-    if top is not None:
-        values[VISUAL_KEEP_FIELD] = _validated(top, VISUAL_KEEP_FIELD)
-    if nested is not None:
-        values["vllm_xargs.visual_keep"] = _validated(nested, "vllm_xargs.visual_keep")
+    values = {
+        where: _validated(raw, where)
+        for where, raw in ((VISUAL_KEEP_FIELD, top.get(VISUAL_KEEP_FIELD)),
+                           ("vllm_xargs.visual_keep", xargs.get(VISUAL_KEEP_FIELD)),
+                           ("mm_processor_kwargs.visual_keep", mm_kwargs.get(VISUAL_KEEP_FIELD)))
+        if raw is not None
+    }
     if len(set(values.values())) > 1:
         raise VLLMValidationError(
-            f"visual_keep and vllm_xargs.visual_keep disagree ({values}); send one of them",
+            f"visual_keep is given in several places that disagree ({values}); send one of them",
             parameter=VISUAL_KEEP_FIELD,
         )
     return next(iter(values.values()), None)
+
+
+def _raw_xargs_keep_problem(body: bytes) -> tuple[bytes | None, str | None]:
+    """vLLM's schema types `vllm_xargs` values as str | int | float, so `true` would reach the
+    plugin as 1 and `null` fail with a schema error: look at the raw JSON first.
+
+    Returns (body to pass on, error message): null is dropped ("not set", as at the top level),
+    a boolean is refused.
+    """
+    if b"vllm_xargs" not in body or VISUAL_KEEP_FIELD.encode() not in body:
+        return body, None
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body, None  # vLLM answers malformed JSON itself
+    xargs = parsed.get("vllm_xargs") if isinstance(parsed, dict) else None
+    if not isinstance(xargs, dict) or VISUAL_KEEP_FIELD not in xargs:
+        return body, None
+    value = xargs[VISUAL_KEEP_FIELD]
+    if isinstance(value, bool):
+        try:
+            validate_visual_keep(value, field="vllm_xargs.visual_keep")
+        except ValueError as exc:
+            return None, str(exc)
+    if value is None:
+        del xargs[VISUAL_KEEP_FIELD]
+        return json.dumps(parsed).encode(), None
+    return body, None
+
+
+class RawKeepMiddleware:
+    """Pure ASGI middleware: applies `_raw_xargs_keep_problem` to POST bodies."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return await self.app(scope, _replay([message], receive), send)
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body, error = _raw_xargs_keep_problem(b"".join(chunks))
+        if error is not None:
+            payload = json.dumps({"error": {"message": error, "type": "BadRequestError",
+                                            "param": "vllm_xargs.visual_keep", "code": 400}}).encode()
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(payload)).encode())]})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
+
+
+def _replay(messages: list[dict], receive):
+    pending = list(messages)
+
+    async def replayed():
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
+
+
+def _check_model_supported(model_config: Any) -> None:
+    from . import ARCHITECTURE
+
+    architectures = getattr(model_config, "architectures", None) or []
+    if ARCHITECTURE not in architectures:
+        raise VLLMValidationError(
+            f"visual_keep: the pio_fvlm plugin prunes {ARCHITECTURE} models; this server's model is "
+            f"{', '.join(architectures) or 'unknown'}, which it does not prune. Leave visual_keep out.",
+            parameter=VISUAL_KEEP_FIELD,
+        )
 
 
 def _route_online(preprocess):
@@ -50,6 +159,7 @@ def _route_online(preprocess):
     async def wrapper(self, request, *args, **kwargs):
         keep = request_visual_keep(request)
         if keep is not None:
+            _check_model_supported(self.model_config)
             current = getattr(request, "mm_processor_kwargs", None) or {}
             request.mm_processor_kwargs = {**current, VISUAL_KEEP_FIELD: keep}
         result = await preprocess(self, request, *args, **kwargs)
@@ -104,6 +214,35 @@ def _route_offline(add_requests, items_arg: str, to_seq):
     return wrapper
 
 
+def _carry_anthropic_extras(build):
+    """The Anthropic request is rebuilt as an OpenAI one; its `visual_keep` (and look-alikes,
+    to be refused) go along."""
+
+    @functools.wraps(build)
+    def wrapper(cls, anthropic_request, *args, **kwargs):
+        request = build(cls, anthropic_request, *args, **kwargs)
+        extra = getattr(anthropic_request, "model_extra", None) or {}
+        carried = {k: v for k, v in extra.items() if k == VISUAL_KEEP_FIELD or _looks_like_visual_keep(k)}
+        return request.model_copy(update=carried) if carried else request
+
+    wrapper.__pio_fvlm__ = True
+    return classmethod(wrapper)
+
+
+def install_anthropic_routing() -> None:
+    """`/v1/messages` bodies are parsed by a schema that drops unknown fields: let it keep them
+    (before the route is built, at app start-up) so `visual_keep` reaches the OpenAI request."""
+    from vllm.entrypoints.anthropic.protocol import AnthropicMessagesRequest
+    from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
+
+    current = AnthropicServingMessages.__dict__["_build_base_request"]
+    if getattr(current.__func__, "__pio_fvlm__", False):
+        return
+    AnthropicMessagesRequest.model_config["extra"] = "allow"
+    AnthropicMessagesRequest.model_rebuild(force=True)
+    AnthropicServingMessages._build_base_request = _carry_anthropic_extras(current.__func__)
+
+
 def install_request_routing() -> None:
     from vllm.entrypoints.common import offline
     from vllm.entrypoints.common.offline import OfflineInferenceMixin
@@ -121,3 +260,4 @@ def install_request_routing() -> None:
           lambda f: _route_offline(f, "prompts", offline.prompt_to_seq))
     patch(OfflineInferenceMixin, "_add_chat_requests",
           lambda f: _route_offline(f, "messages", offline.conversation_to_seq))
+    install_anthropic_routing()

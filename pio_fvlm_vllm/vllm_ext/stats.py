@@ -1,9 +1,15 @@
 """Counters of the selection pass and their Prometheus export.
 
-The selection runs in vLLM's worker processes, the API server serves /metrics: workers write
-their cumulative counters to one small JSON file each in a directory shared through the
-environment (`PIO_FVLM_STATS_DIR`, created by the first process that loads the plugin), and
-a collector in the API server sums them at every scrape.
+The selection runs in vLLM's worker processes, the API server serves /metrics. Two routes,
+chosen by how vLLM runs its own metrics:
+
+- one API server (Prometheus' default registry): workers write their cumulative counters to
+  one small JSON file each in a directory shared through the environment
+  (`PIO_FVLM_STATS_DIR`, created by the first process that loads the plugin), and a collector
+  in the API server sums them at every scrape;
+- several API servers (`--api-server-count N`: vLLM sets `PROMETHEUS_MULTIPROC_DIR` for every
+  process and /metrics reads only that directory): workers also update prometheus_client
+  metrics of the same names, which that mode stores there.
 """
 
 from __future__ import annotations
@@ -20,6 +26,37 @@ STATS_DIR_ENV = "PIO_FVLM_STATS_DIR"
 
 # Upper bounds (seconds) of the selection-time histogram's buckets; +Inf is implied.
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+# name -> help, for both export routes
+HELP = {
+    "pio_fvlm_images_pruned": "Images the PIO-FVLM selection pass pruned",
+    "pio_fvlm_image_tokens_seen": "Image tokens scored by the selection pass",
+    "pio_fvlm_image_tokens_kept": "Image tokens kept by the selection pass",
+    "pio_fvlm_selection_failures": "Selections that failed and fell back to uniform stride",
+    "pio_fvlm_selection_seconds": "Time spent in the selection pass",
+    "pio_fvlm_selection_pass_seconds": "Duration of one selection pass (the images of one engine step: proxy, "
+                                       "saliency, NMS)",
+}
+_COUNTER_FIELDS = {"pio_fvlm_images_pruned": "images", "pio_fvlm_image_tokens_seen": "tokens_seen",
+                   "pio_fvlm_image_tokens_kept": "tokens_kept", "pio_fvlm_selection_failures": "failures",
+                   "pio_fvlm_selection_seconds": "seconds"}
+
+
+class _MultiprocessMetrics:
+    """prometheus_client metrics, created in a worker only in Prometheus multiprocess mode."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.counters = {field: Counter(name, HELP[name]) for name, field in _COUNTER_FIELDS.items()}
+        self.passes = Histogram("pio_fvlm_selection_pass_seconds", HELP["pio_fvlm_selection_pass_seconds"],
+                                buckets=SECONDS_BUCKETS)
+
+    def record(self, increments: dict[str, float], seconds: float) -> None:
+        for field, value in increments.items():
+            self.counters[field].inc(value)
+        self.passes.observe(seconds)
 
 
 @dataclass
@@ -40,18 +77,21 @@ class SelectionStats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.counters = SelectionCounters()
+        self._multiprocess: _MultiprocessMetrics | None = None
 
     def record(self, tokens_seen: list[int], tokens_kept: list[int], seconds: float, failed: bool) -> None:
+        increments = {"images": len(tokens_seen), "tokens_seen": sum(tokens_seen),
+                      "tokens_kept": sum(tokens_kept), "failures": int(failed), "seconds": seconds}
         with self._lock:
             c = self.counters
-            c.images += len(tokens_seen)
-            c.tokens_seen += sum(tokens_seen)
-            c.tokens_kept += sum(tokens_kept)
-            c.failures += int(failed)
-            c.seconds += seconds
+            for name, value in increments.items():
+                setattr(c, name, getattr(c, name) + value)
             c.passes += 1
             c.seconds_buckets[bisect_left(SECONDS_BUCKETS, seconds)] += 1
             self._persist(asdict(c))
+            if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                self._multiprocess = self._multiprocess or _MultiprocessMetrics()
+                self._multiprocess.record(increments, seconds)
 
     @staticmethod
     def _persist(values: dict) -> None:
@@ -101,31 +141,22 @@ class SelectionCollector:
         from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
         t = read_totals()
-        yield CounterMetricFamily("pio_fvlm_images_pruned", "Images the PIO-FVLM selection pass pruned",
-                                  value=t.images)
-        yield CounterMetricFamily("pio_fvlm_image_tokens_seen", "Image tokens scored by the selection pass",
-                                  value=t.tokens_seen)
-        yield CounterMetricFamily("pio_fvlm_image_tokens_kept", "Image tokens kept by the selection pass",
-                                  value=t.tokens_kept)
-        yield CounterMetricFamily("pio_fvlm_selection_failures",
-                                  "Selections that failed and fell back to uniform stride",
-                                  value=t.failures)
-        yield CounterMetricFamily("pio_fvlm_selection_seconds", "Time spent in the selection pass",
-                                  value=t.seconds)
+        for name, field in _COUNTER_FIELDS.items():
+            yield CounterMetricFamily(name, HELP[name], value=getattr(t, field))
         cumulative, buckets = 0, []
         for bound, count in zip([*map(str, SECONDS_BUCKETS), "+Inf"], t.seconds_buckets):
             cumulative += count
             buckets.append((bound, cumulative))
-        yield HistogramMetricFamily(
-            "pio_fvlm_selection_pass_seconds",
-            "Duration of one selection pass (the images of one engine step: proxy, saliency, NMS)",
-            buckets=buckets, sum_value=t.seconds)
+        yield HistogramMetricFamily("pio_fvlm_selection_pass_seconds", HELP["pio_fvlm_selection_pass_seconds"],
+                                    buckets=buckets, sum_value=t.seconds)
 
 
 _collector_registered = False
 
 
 def register_collector() -> None:
+    """Serves the workers' JSON counters on the default registry (one API server; with several,
+    /metrics reads the multiprocess directory the workers write to)."""
     global _collector_registered
     if _collector_registered:
         return

@@ -4,6 +4,7 @@ lost, nothing leaked between requests, memory flat. Loopback only, bounded in co
 import base64
 import io
 import json
+import random
 import socket
 import threading
 import time
@@ -89,12 +90,27 @@ def test_soak_mixed_requests_nothing_lost_counts_stable_memory_flat(client, mode
         [(k, s) for k in (None, 1.0, 0.5, 0.111, 0.05) for s in ((640, 480), (336, 1008), (500, 500))])]
     solo = {c: chat(client, model_name, messages(seed=100 + c[2], size=c[1]), c[0], max_tokens=2).usage.prompt_tokens
             for c in combos}
+    # Interleaved: bad requests (each must be a 400, never a 5xx) and clients that hang up
+    # while their image is being processed.
+    bad = [0, 7, "x", True, 10**400, {"visualKeep": 0.1}, {"visual_keep": 0.5, "vllm_xargs": {"visual_keep": 0.2}}]
     rounds, per_round, rss = 3, 90, []
-    failures = []
+    failures, statuses = [], []
     for r in range(rounds):
         work = [combos[(i * 7 + r) % len(combos)] for i in range(per_round)]
+        work += [("bad", b) for b in bad] + [("hang up", i) for i in range(3)]
+        random.Random(r).shuffle(work)
 
         def one(c):
+            if c[0] == "bad":
+                body = {"model": model_name, "messages": messages(seed=300), "max_tokens": 2}
+                body.update(c[1] if isinstance(c[1], dict) else {"visual_keep": c[1]})
+                text = json.dumps(body) if c[1] != 10**400 else json.dumps(body)[:-1] + f', "visual_keep": {c[1]}}}'
+                statuses.append(post_chat(server, text)[0])
+                return None
+            if c[0] == "hang up":
+                _hang_up(server, {"model": model_name, "messages": messages(seed=400 + c[1]), "max_tokens": 50,
+                                  "visual_keep": 0.2})
+                return None
             reply = chat(client, model_name, messages(seed=100 + c[2], size=c[1]), c[0], max_tokens=2)
             return c, reply.usage.prompt_tokens
 
@@ -103,17 +119,30 @@ def test_soak_mixed_requests_nothing_lost_counts_stable_memory_flat(client, mode
             done = []
             for f in futures:
                 try:
-                    done.append(f.result(timeout=600))
+                    result = f.result(timeout=600)
                 except Exception as exc:  # noqa: BLE001 - collected and asserted below
                     failures.append(exc)
+                else:
+                    if result is not None:
+                        done.append(result)
         assert len(done) == per_round
         assert all(tokens == solo[c] for c, tokens in done)
         rss.append(_server_rss(server))
     assert not failures
+    assert statuses == [400] * (rounds * len(bad))
     # After the first round has warmed every cache and pool, memory stays flat.
     assert rss[-1] <= rss[0] * 1.10 + 64 * 2**20, [r / 2**20 for r in rss]
     print(f"soak: {rounds * per_round} requests, 0 failed, server RSS MiB per round: "
           f"{[round(r / 2**20) for r in rss]}")
+
+
+def _hang_up(server, body) -> None:
+    """Sends a request and closes the connection 50 ms later, before any answer."""
+    payload = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
+        time.sleep(0.05)
 
 
 def test_client_disconnects_mid_stream_and_aborts_leave_nothing_running(client, model_name, server):
@@ -130,11 +159,7 @@ def test_client_disconnects_mid_stream_and_aborts_leave_nothing_running(client, 
     for i in range(6):
         abandoned = dict(body, stream=False, visual_keep=0.2)
         abandoned["messages"] = messages(seed=210 + i, size=(1008, 336))
-        payload = json.dumps(abandoned).encode()
-        with socket.create_connection(("127.0.0.1", server.port)) as sock:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
-            time.sleep(0.05)
+        _hang_up(server, abandoned)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         running = metric(server.base_url, "vllm:num_requests_running")

@@ -1,0 +1,101 @@
+"""vLLM's own deployment flags with the plugin: several API servers, the server default given
+the vLLM way, trusted request kwargs, a model the plugin does not prune, and settings that
+must stop the server at start-up."""
+
+import json
+import shutil
+
+import pytest
+
+from pio_fvlm_vllm.budget import budget
+from pio_fvlm_vllm.serving import VllmServer, fetch_metrics
+from pio_fvlm_vllm.vllm_ext.observability import HEADER
+
+from .conftest import SERVER_ARGS
+from .helpers import messages, post_chat
+
+SCALED_ARGS = [*SERVER_ARGS, "--api-server-count", "2", "--trust-request-mm-kwargs",
+               "--mm-processor-kwargs", '{"visual_keep": 0.25}']
+
+
+@pytest.fixture(scope="module")
+def scaled_server(tiny_checkpoint, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "scaled.log"
+    with VllmServer(tiny_checkpoint, args=SCALED_ARGS, log_path=log) as srv:
+        yield srv
+
+
+def _counts(headers):
+    kept, total = map(int, headers[HEADER].split("/"))
+    return kept, total
+
+
+def test_every_api_server_prunes_validates_and_counts(scaled_server, model_name):
+    """Requests are spread over both API-server processes: each one honours the request's
+    keep, the `--mm-processor-kwargs` default and keep 1.0 (unpruned at a pruned default:
+    start-up profiled full images), refuses bad keeps, and /metrics carries the plugin's
+    metrics."""
+    for i in range(4):
+        base = {"model": model_name, "messages": messages(seed=700 + i), "max_tokens": 1}
+        status, payload, headers = post_chat(scaled_server, {**base, "visual_keep": 0.11})
+        assert status == 200, payload
+        kept, total = _counts(headers)
+        assert kept == budget(total, 0.11)
+        status, payload, headers = post_chat(scaled_server, base)  # the server default
+        assert status == 200, payload
+        assert _counts(headers)[0] == budget(total, 0.25)
+        status, payload, headers = post_chat(scaled_server, {**base, "visual_keep": 1.0})
+        assert status == 200, payload
+        assert _counts(headers) == (total, total)
+        status, payload, _ = post_chat(scaled_server, {**base, "visual_keep": 7})
+        assert status == 400 and "visual_keep" in json.dumps(payload), payload
+    text = fetch_metrics(scaled_server.base_url)
+    assert "pio_fvlm_images_pruned_total" in text and "pio_fvlm_selection_pass_seconds_bucket" in text
+
+
+@pytest.mark.parametrize("key", ["_pio_fvlm_keep", "_pio_fvlm_prompt"])
+def test_private_processor_kwargs_are_refused_even_when_trusted(scaled_server, model_name, key):
+    """They name the cache entry a selection is stored under: a request that could set them
+    could plant its embeddings under another user's (image, question, keep)."""
+    body = {"model": model_name, "messages": messages(seed=710), "max_tokens": 1,
+            "mm_processor_kwargs": {key: 0.5}}
+    status, payload, _ = post_chat(scaled_server, body)
+    assert status == 400 and key in json.dumps(payload), payload
+
+
+@pytest.fixture(scope="module")
+def text_only_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint's language model alone, as a Llama checkpoint (dummy weights)."""
+    out = tmp_path_factory.mktemp("text_only")
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    text = {**config["text_config"], "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    (out / "config.json").write_text(json.dumps(text))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (tiny_checkpoint / name).exists():
+            shutil.copy(tiny_checkpoint / name, out / name)
+    return out
+
+
+def test_keep_sent_to_a_model_the_plugin_does_not_prune_is_a_400(text_only_checkpoint, tmp_path):
+    args = ["--dtype", "float32", "--max-model-len", "512", "--load-format", "dummy"]
+    with VllmServer(text_only_checkpoint, args=args, log_path=tmp_path / "text.log") as srv:
+        base = {"model": str(text_only_checkpoint), "max_tokens": 1,
+                "messages": [{"role": "user", "content": "Hello"}]}
+        status, payload, _ = post_chat(srv, base)
+        assert status == 200, payload
+        status, payload, _ = post_chat(srv, {**base, "visual_keep": 0.5})
+        assert status == 400, payload
+        assert "visual_keep" in json.dumps(payload) and "does not prune" in json.dumps(payload)
+
+
+@pytest.mark.parametrize("env, args, message", [
+    ({"PIO_FVLM_PROXY_LAYER": "999"}, [], "PIO_FVLM_PROXY_LAYER"),
+    ({}, ["--mm-processor-kwargs", '{"visual_keep": 2}'], "--mm-processor-kwargs visual_keep"),
+    ({"PIO_FVLM_VISUAL_KEEP": "0.5"}, ["--mm-processor-kwargs", '{"visual_keep": 0.25}'], "disagree"),
+])
+def test_bad_server_settings_stop_the_server_at_start_naming_them(tiny_checkpoint, tmp_path, env, args, message):
+    server = VllmServer(tiny_checkpoint, args=[*SERVER_ARGS, *args], env=env, log_path=tmp_path / "bad.log",
+                        startup_timeout=300)
+    with pytest.raises(RuntimeError, match="exited") as info:
+        server.start()
+    assert message in str(info.value) or message in server.log_path.read_text()
