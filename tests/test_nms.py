@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.selection_cost import OpCounter
 from pio_fvlm_vllm.algorithm import nms_select
 
 
@@ -74,23 +74,13 @@ def test_chunked_nms_at_the_served_shape_matches_the_oracle():
         assert got[0].tolist() == greedy_oracle(scores, features, [320], threshold, inclusive=True)[0].tolist()
 
 
-class _CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("threshold", [0.8, 0.2])
 def test_one_image_costs_a_bounded_number_of_tensor_ops(threshold):
     """N = 2880, k = 320 (LLaVA-NeXT at keep 0.111): the per-token greedy issued ~19,000 ops."""
     g = torch.Generator().manual_seed(0)
     scores = torch.rand(1, 2880, generator=g)
     features = torch.randn(1, 2880, 256, generator=g)
-    with _CountOps() as ops:
+    with OpCounter() as ops:
         (kept,) = nms_select(scores, features, [320], threshold, inclusive=True)
     assert kept.numel() == 320
     assert ops.count <= 200, ops.count

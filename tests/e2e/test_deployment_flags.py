@@ -13,9 +13,10 @@ from pio_fvlm_vllm.vllm_ext.observability import HEADER
 
 from .conftest import SERVER_ARGS
 from .helpers import messages, post_chat
+from .test_request_surface import _post
 
 SCALED_ARGS = [*SERVER_ARGS, "--api-server-count", "2", "--trust-request-mm-kwargs",
-               "--mm-processor-kwargs", '{"visual_keep": 0.25}']
+               "--mm-processor-kwargs", '{"visual_keep": 0.25}', "--enable-scale-out"]
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,46 @@ def test_private_processor_kwargs_are_refused_even_when_trusted(scaled_server, m
             "mm_processor_kwargs": {key: 0.5}}
     status, payload, _ = post_chat(scaled_server, body)
     assert status == 400 and key in json.dumps(payload), payload
+
+
+def _edited(rendered: dict, edit) -> dict:
+    """`rendered` with its first image's packed plugin context passed through `edit`."""
+    from vllm.entrypoints.scale_out.token_in_token_out.mm_serde import decode_mm_kwargs_item, encode_mm_kwargs_item
+    from vllm.multimodal.inputs import MultiModalFieldElem
+
+    from pio_fvlm_vllm.vllm_ext.context import CONTEXT_FIELD
+
+    copy = json.loads(json.dumps(rendered))
+    item = decode_mm_kwargs_item(copy["features"]["kwargs_data"]["image"][0])
+    elem = item[CONTEXT_FIELD]
+    item[CONTEXT_FIELD] = MultiModalFieldElem(data=edit(elem.data.clone()), field=elem.field)
+    copy["features"]["kwargs_data"]["image"][0] = encode_mm_kwargs_item(item)
+    return copy
+
+
+def _with_value(index, value):
+    def edit(packed):
+        packed[index] = value
+        return packed
+
+    return edit
+
+
+def test_token_in_requests_carry_only_the_contexts_the_processor_makes(scaled_server, model_name):
+    """`--enable-scale-out`: a render tier's output sent back to /inference/v1/generate works;
+    the same output with its packed context edited is a 400, and the engine keeps serving."""
+    status, rendered, _ = _post(scaled_server, "/v1/chat/completions/render",
+                                {"model": model_name, "messages": messages(seed=721), "visual_keep": 0.3})
+    assert status == 200, rendered
+    rendered["sampling_params"] = {"max_tokens": 2, "temperature": 0.0}
+    status, payload, _ = _post(scaled_server, "/inference/v1/generate", rendered)
+    assert status == 200, payload
+    for index, value in ((0, 100000), (1, 7), (2, 0), (4, 99999), (6, 10**6)):
+        # num_keep > N, N wrong, offset wrong, hand-off rows, a prefix token id past the vocabulary
+        status, payload, _ = _post(scaled_server, "/inference/v1/generate", _edited(rendered, _with_value(index, value)))
+        assert status == 400 and "features" in json.dumps(payload), (index, payload)
+    status, payload, _ = _post(scaled_server, "/inference/v1/generate", rendered)
+    assert status == 200 and scaled_server.healthy(), payload
 
 
 @pytest.fixture(scope="module")
