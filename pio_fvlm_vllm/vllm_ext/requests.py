@@ -251,9 +251,9 @@ def token_in_context_problem(token_ids: list[int], features, image_token_id: int
     from .context import CONTEXT_FIELD, PromptContext, image_contexts
     from vllm.entrypoints.scale_out.token_in_token_out.mm_features import mm_kwargs_from_features
 
-    if features is None or not features.kwargs_data:
+    if features is None or not (features.kwargs_data or features.mm_metadata):
         return None
-    items = mm_kwargs_from_features(features).get("image", [])
+    items = mm_kwargs_from_features(features).get("image", [])  # metadata overrides kwargs, as in vLLM
     placeholders = features.mm_placeholders.get("image", [])
     around = image_contexts(list(token_ids), image_token_id)
     for i, (item, placeholder) in enumerate(zip(items, placeholders)):
@@ -288,7 +288,7 @@ def _check_token_in(serve_tokens):
     @functools.wraps(serve_tokens)
     async def wrapper(self, request, *args, **kwargs):
         features = getattr(request, "features", None)
-        if features is not None and features.kwargs_data:
+        if features is not None and (features.kwargs_data or features.mm_metadata):
             from vllm.multimodal import MULTIMODAL_REGISTRY
 
             from . import ARCHITECTURE

@@ -65,17 +65,26 @@ def test_private_processor_kwargs_are_refused_even_when_trusted(scaled_server, m
 
 
 def _edited(rendered: dict, edit) -> dict:
-    """`rendered` with its first image's packed plugin context passed through `edit`."""
+    """`rendered` with its first image's packed plugin context passed through `edit`, wherever
+    the features carry it (the full kwargs and the metadata-only copy, which wins)."""
     from vllm.entrypoints.scale_out.token_in_token_out.mm_serde import decode_mm_kwargs_item, encode_mm_kwargs_item
     from vllm.multimodal.inputs import MultiModalFieldElem
 
     from pio_fvlm_vllm.vllm_ext.context import CONTEXT_FIELD
 
     copy = json.loads(json.dumps(rendered))
-    item = decode_mm_kwargs_item(copy["features"]["kwargs_data"]["image"][0])
-    elem = item[CONTEXT_FIELD]
-    item[CONTEXT_FIELD] = MultiModalFieldElem(data=edit(elem.data.clone()), field=elem.field)
-    copy["features"]["kwargs_data"]["image"][0] = encode_mm_kwargs_item(item)
+    edited = 0
+    for part in ("kwargs_data", "mm_metadata"):
+        encoded = (copy["features"].get(part) or {}).get("image")
+        if not encoded or encoded[0] is None:
+            continue
+        item = decode_mm_kwargs_item(encoded[0])
+        if CONTEXT_FIELD in item:
+            elem = item[CONTEXT_FIELD]
+            item[CONTEXT_FIELD] = MultiModalFieldElem(data=edit(elem.data.clone()), field=elem.field)
+            encoded[0] = encode_mm_kwargs_item(item)
+            edited += 1
+    assert edited
     return copy
 
 
