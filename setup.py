@@ -27,7 +27,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["pio_fvlm_vllm", "pio_fvlm_vllm.*"]),
-    package_data={"pio_fvlm_vllm": [ALIAS_PTH, "assets/*"]},
+    package_data={"pio_fvlm_vllm": [ALIAS_PTH]},
     cmdclass={"build_py": BuildPyWithPth},
     install_requires=[
         "torch>=2.4",

@@ -109,7 +109,7 @@ def install_http_middleware() -> None:
         return
 
     def init_entrypoints_middleware(args, app, *rest, **kwargs):
-        from .requests import RawKeepMiddleware
+        from .raw_keep import RawKeepMiddleware
 
         result = original(args, app, *rest, **kwargs)
         app.add_middleware(ImageTokensHeaderMiddleware)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -75,71 +74,6 @@ def request_visual_keep(request: Any) -> float | None:
             parameter=VISUAL_KEEP_FIELD,
         )
     return next(iter(values.values()), None)
-
-
-def _raw_xargs_keep_problem(body: bytes) -> tuple[bytes | None, str | None]:
-    """vLLM's schema types `vllm_xargs` values as str | int | float, so `true` would reach the
-    plugin as 1 and `null` fail with a schema error: look at the raw JSON first.
-
-    Returns (body to pass on, error message): null is dropped ("not set", as at the top level),
-    a boolean is refused.
-    """
-    if b"vllm_xargs" not in body or VISUAL_KEEP_FIELD.encode() not in body:
-        return body, None
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return body, None  # vLLM answers malformed JSON itself
-    xargs = parsed.get("vllm_xargs") if isinstance(parsed, dict) else None
-    if not isinstance(xargs, dict) or VISUAL_KEEP_FIELD not in xargs:
-        return body, None
-    value = xargs[VISUAL_KEEP_FIELD]
-    if isinstance(value, bool):
-        try:
-            validate_visual_keep(value, field="vllm_xargs.visual_keep")
-        except ValueError as exc:
-            return None, str(exc)
-    if value is None:
-        del xargs[VISUAL_KEEP_FIELD]
-        return json.dumps(parsed).encode(), None
-    return body, None
-
-
-class RawKeepMiddleware:
-    """Pure ASGI middleware: applies `_raw_xargs_keep_problem` to POST bodies."""
-
-    def __init__(self, app) -> None:
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") != "POST":
-            return await self.app(scope, receive, send)
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return await self.app(scope, _replay([message], receive), send)
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body, error = _raw_xargs_keep_problem(b"".join(chunks))
-        if error is not None:
-            payload = json.dumps({"error": {"message": error, "type": "BadRequestError",
-                                            "param": "vllm_xargs.visual_keep", "code": 400}}).encode()
-            await send({"type": "http.response.start", "status": 400,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(payload)).encode())]})
-            await send({"type": "http.response.body", "body": payload})
-            return
-        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
-
-
-def _replay(messages: list[dict], receive):
-    pending = list(messages)
-
-    async def replayed():
-        return pending.pop(0) if pending else await receive()
-
-    return replayed
 
 
 def _check_model_supported(model_config: Any) -> None:
@@ -243,75 +177,6 @@ def install_anthropic_routing() -> None:
     AnthropicServingMessages._build_base_request = _carry_anthropic_extras(current.__func__)
 
 
-def token_in_context_problem(token_ids: list[int], features, image_token_id: int, num_image_tokens) -> str | None:
-    """What is wrong with the plugin contexts a token-in (`--enable-scale-out`) request
-    carries, or None. Each must be exactly what the processor derives from the same prompt and
-    image, so the worker can trust it: budget, image size, offset, placeholder length and the
-    text around the image. `num_image_tokens(item)` is the image's unpruned token count."""
-    from .context import CONTEXT_FIELD, PromptContext, image_contexts
-    from vllm.entrypoints.scale_out.token_in_token_out.mm_features import mm_kwargs_from_features
-
-    if features is None or not (features.kwargs_data or features.mm_metadata):
-        return None
-    items = mm_kwargs_from_features(features).get("image", [])  # metadata overrides kwargs, as in vLLM
-    placeholders = features.mm_placeholders.get("image", [])
-    around = image_contexts(list(token_ids), image_token_id)
-    for i, (item, placeholder) in enumerate(zip(items, placeholders)):
-        if item is None or CONTEXT_FIELD not in item:
-            continue
-        where = f"features: image {i}'s {CONTEXT_FIELD}"
-        try:
-            ctx = PromptContext.unpack(item[CONTEXT_FIELD].data)
-        except ValueError as exc:
-            return f"{where}: {exc}"
-        n = num_image_tokens(item)
-        if ctx.num_tokens != n:
-            return f"{where} counts {ctx.num_tokens} image tokens; the image has {n}"
-        if ctx.served_offset != placeholder.offset:
-            return f"{where} is at offset {ctx.served_offset}; its placeholder at {placeholder.offset}"
-        if not ctx.pruned:
-            if placeholder.length != n or ctx.prefix_ids or ctx.suffix_ids:
-                return f"{where} keeps every token but its placeholder has {placeholder.length} of {n}"
-            continue
-        rows = max(ctx.handoff_rows, 0)
-        if not 0 < ctx.num_keep <= n or placeholder.length != ctx.num_keep + rows:
-            return (f"{where} keeps {ctx.num_keep} tokens (+{rows} hand-off rows) of {n}; its placeholder "
-                    f"has {placeholder.length} rows")
-        if ctx.handoff_rows < -1 or rows > min(len(ctx.suffix_ids), n - ctx.num_keep):
-            return f"{where} hands off {ctx.handoff_rows} rows"
-        if i >= len(around) or (ctx.prefix_ids, ctx.suffix_ids) != around[i]:
-            return f"{where} does not match the prompt's text around the image"
-    return None
-
-
-def _check_token_in(serve_tokens):
-    @functools.wraps(serve_tokens)
-    async def wrapper(self, request, *args, **kwargs):
-        features = getattr(request, "features", None)
-        if features is not None and (features.kwargs_data or features.mm_metadata):
-            from vllm.multimodal import MULTIMODAL_REGISTRY
-
-            from . import ARCHITECTURE
-
-            if ARCHITECTURE in (self.model_config.architectures or []):
-                processor = getattr(self, "_pio_fvlm_processor", None)
-                if processor is None:
-                    processor = self._pio_fvlm_processor = MULTIMODAL_REGISTRY.create_processor(self.model_config)
-
-                def num_image_tokens(item) -> int:
-                    height, width = item["image_sizes"].data.tolist()
-                    return processor.info.get_num_image_tokens(image_width=width, image_height=height)
-
-                problem = token_in_context_problem(request.token_ids, features,
-                                                   self.model_config.hf_config.image_token_index, num_image_tokens)
-                if problem is not None:
-                    return self.create_error_response(VLLMValidationError(problem, parameter="features"))
-        return await serve_tokens(self, request, *args, **kwargs)
-
-    wrapper.__pio_fvlm__ = True
-    return wrapper
-
-
 def install_request_routing() -> None:
     from vllm.entrypoints.common import offline
     from vllm.entrypoints.common.offline import OfflineInferenceMixin
@@ -327,7 +192,9 @@ def install_request_routing() -> None:
     patch(online_renderer.OnlineRenderer, "preprocess_cmpl", _route_online)
     from vllm.entrypoints.scale_out.token_in_token_out.serving import ServingTokens
 
-    patch(ServingTokens, "serve_tokens", _check_token_in)
+    from .token_in import check_token_in
+
+    patch(ServingTokens, "serve_tokens", check_token_in)
     patch(OfflineInferenceMixin, "_add_completion_requests",
           lambda f: _route_offline(f, "prompts", offline.prompt_to_seq))
     patch(OfflineInferenceMixin, "_add_chat_requests",
