@@ -30,8 +30,10 @@ OFFICIAL_SCORING = {
 _DEFAULT_PROXY_LAYER_BY_DEPTH = {32: 2, 40: 3, 60: 4, 80: 5}
 
 # Variables with the prefix that are not settings: the metrics directory shared by the
-# server's processes, the test fault injector, and the set-up script's options.
-_OTHER_ENV = {"PIO_FVLM_STATS_DIR", "PIO_FVLM_TEST_FAIL_ON_TOKENS", "PIO_FVLM_VENV", "PIO_FVLM_EXTRAS"}
+# server's processes, the test fault injector, the set-up script's options, and the vLLM
+# version gate's override.
+_OTHER_ENV = {"PIO_FVLM_STATS_DIR", "PIO_FVLM_TEST_FAIL_ON_TOKENS", "PIO_FVLM_VENV", "PIO_FVLM_EXTRAS",
+              "PIO_FVLM_ALLOW_UNSUPPORTED_VLLM"}
 
 
 def default_proxy_layer(num_hidden_layers: int) -> int:

@@ -36,3 +36,16 @@ def test_vllm_plugins_leaving_the_plugin_out_is_named_at_the_command_line():
 ])
 def test_the_guard_acts_only_on_vllm_commands_naming_an_excluded_plugin(argv, env, names):
     assert (excluded_plugin_message(argv, env) is not None) == names
+
+
+@pytest.mark.parametrize("version, supported", [
+    ("0.32.0", True), ("0.32.0+cpu", True), ("0.32.3", True), ("0.33.0", False), ("0.31.2", False),
+    ("0.33.0rc1", False),
+])
+def test_the_vllm_version_gate(version, supported):
+    from pio_fvlm_vllm import unsupported_vllm
+
+    message = unsupported_vllm(version)
+    assert (message is None) == supported
+    if message:
+        assert version in message and "PIO_FVLM_ALLOW_UNSUPPORTED_VLLM=1" in message
