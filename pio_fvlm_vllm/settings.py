@@ -178,6 +178,19 @@ class PioFvlmSettings(BaseModel):
             )
         return self.handoff_layer
 
+    def server_default_keep(self, mm_processor_kwargs: Mapping | None) -> float:
+        """The keep ratio of requests that do not name one: vLLM's `--mm-processor-kwargs`
+        `visual_keep` when given, else `PIO_FVLM_VISUAL_KEEP` (1.0 unless set). Both set to
+        different values is an error."""
+        raw = (mm_processor_kwargs or {}).get("visual_keep")
+        if raw is None:
+            return self.visual_keep
+        keep = validate_visual_keep(raw, field="--mm-processor-kwargs visual_keep")
+        if "visual_keep" in self.model_fields_set and keep != self.visual_keep:
+            raise ValueError(f"--mm-processor-kwargs visual_keep={keep} and {ENV_PREFIX}VISUAL_KEEP="
+                             f"{self.visual_keep} disagree; set the server default in one place")
+        return keep
+
     @classmethod
     def unknown_env(cls, environ: Mapping[str, str] | None = None) -> list[str]:
         """`PIO_FVLM_*` variables that name no setting (typos, most likely)."""

@@ -49,3 +49,23 @@ def test_the_vllm_version_gate(version, supported):
     assert (message is None) == supported
     if message:
         assert version in message and "PIO_FVLM_ALLOW_UNSUPPORTED_VLLM=1" in message
+
+
+def test_settings_command_prints_effective_values_and_their_sources(tmp_path):
+    (tmp_path / "config.json").write_text('{"text_config": {"num_hidden_layers": 32}}')
+    env = {**os.environ, "PIO_FVLM_SCORING": "official", "PIO_FVLM_NMS_INCLUSIVE": "false", "PIO_FVLM_VISUALKEEP": "1"}
+    env.pop("PIO_FVLM_VISUAL_KEEP", None)
+    result = subprocess.run([sys.executable, "-m", "pio_fvlm_vllm", "settings", "--model", str(tmp_path),
+                             "--mm-processor-kwargs", '{"visual_keep": 0.25}'], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in result.stdout.splitlines()}
+    assert rows["visual_keep"] == ["0.25", "--mm-processor-kwargs"]
+    assert rows["nms_threshold"] == ["0.8", "PIO_FVLM_SCORING=official"]
+    assert rows["nms_inclusive"] == ["False", "PIO_FVLM_NMS_INCLUSIVE"]
+    assert rows["proxy_layer"][0] == "3" and "K for 32 decoder layers" in rows["proxy_layer"][1]
+    assert "PIO_FVLM_VISUALKEEP is not a pio_fvlm setting" in result.stderr
+    env["PIO_FVLM_PROXY_LAYER"] = "99"
+    result = subprocess.run([sys.executable, "-m", "pio_fvlm_vllm", "settings", "--model", str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "PIO_FVLM_PROXY_LAYER" in result.stderr

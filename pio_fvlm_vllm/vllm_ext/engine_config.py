@@ -42,18 +42,12 @@ def supply_engine_config(vllm_config) -> None:
 def check_server_settings(model_config) -> None:
     """Start-up checks of the server-wide settings, so a bad one stops `vllm serve` with a
     message naming it instead of failing requests or a worker later."""
-    from ..settings import ENV_PREFIX, PioFvlmSettings
+    from ..settings import PioFvlmSettings
     from .processor import server_default_keep
 
     settings = PioFvlmSettings.from_env()  # raises naming the variable
     settings.handoff_layer_for(model_config.hf_config.text_config.num_hidden_layers)  # K and h fit the model
-    keep = server_default_keep(model_config, settings)  # validates --mm-processor-kwargs visual_keep
-    from_env = settings.model_fields_set & {"visual_keep"}
-    if from_env and keep != settings.visual_keep:
-        raise ValueError(
-            f"--mm-processor-kwargs visual_keep={keep} and {ENV_PREFIX}VISUAL_KEEP={settings.visual_keep} "
-            f"disagree; set the server default in one place"
-        )
+    server_default_keep(model_config, settings)  # valid, and agreeing with the environment
     for name in PioFvlmSettings.unknown_env():
         logger.warning("%s is not a pio_fvlm setting and is ignored (see README's settings table)", name)
 

@@ -39,13 +39,9 @@ _CONTEXT_FIELD_TYPE = MultiModalBatchedField(keep_on_cpu=True)
 
 
 def server_default_keep(model_config, settings: PioFvlmSettings) -> float:
-    """The keep ratio of requests that do not name one: vLLM's `--mm-processor-kwargs`
-    `visual_keep` when given, else `PIO_FVLM_VISUAL_KEEP` (1.0 unless set)."""
+    """The keep ratio of requests that do not name one (see `PioFvlmSettings.server_default_keep`)."""
     mm_config = getattr(model_config, "multimodal_config", None)
-    raw = (getattr(mm_config, "mm_processor_kwargs", None) or {}).get(VISUAL_KEEP_FIELD)
-    if raw is None:
-        return settings.visual_keep
-    return validate_visual_keep(raw, field="--mm-processor-kwargs visual_keep")
+    return settings.server_default_keep(getattr(mm_config, "mm_processor_kwargs", None))
 
 
 def _prompt_digest(prompt_ids: Sequence[int]) -> str:
