@@ -6,8 +6,9 @@ so that text's rows travel with the image's encoder output and take over the pro
 
 The request's keep ratio arrives as the processor kwarg `visual_keep` (routed there from the
 OpenAI body, `vllm_xargs` or `SamplingParams.extra_args`, see `requests.py`), or from the
-server default: `--mm-processor-kwargs '{"visual_keep": ...}'`, else `PIO_FVLM_VISUAL_KEEP`. Fewer placeholder tokens is what shrinks the request's KV-cache allocation:
-the scheduler sizes a request from its prompt length.
+server default: `--mm-processor-kwargs '{"visual_keep": ...}'`, else `PIO_FVLM_VISUAL_KEEP`.
+Fewer placeholder tokens is what shrinks the request's KV-cache allocation: the scheduler
+sizes a request from its prompt length.
 """
 
 from __future__ import annotations
