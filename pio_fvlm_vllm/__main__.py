@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--mm-processor-kwargs", type=json.loads, default=None,
                       help="the JSON you pass to vllm serve, to include its visual_keep")
     args = parser.parse_args(argv)
+    if args.mm_processor_kwargs is not None and not isinstance(args.mm_processor_kwargs, dict):
+        parser.error(f"--mm-processor-kwargs must be a JSON object, got {args.mm_processor_kwargs!r}")
     try:
         rows = settings_table(os.environ, args.model, args.mm_processor_kwargs)
     except (ValueError, OSError, KeyError) as exc:

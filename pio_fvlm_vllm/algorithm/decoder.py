@@ -73,7 +73,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x32 = upcast(x)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    if _in_place_ok(x32):
+    if weight.dtype == dtype and _in_place_ok(x32, weight):
         return x32.to(dtype).mul_(weight)
     return weight * x32.to(dtype)
 
@@ -243,11 +243,12 @@ def decoder_layer_at(
     logits = (q @ k.transpose(-1, -2)).view(bsz, heads, num, seq) * head_dim**-0.5
     visible = torch.arange(seq, device=x.device)[None, :] <= at[:, :, None]  # (B, P, L)
     probs = upcast(logits).masked_fill(~visible[:, None], float("-inf")).softmax(-1).to(h.dtype)
-    pooled = probs.flatten(1, 2) @ h  # (B, H*P, D)
-    v_weight = w.v_proj.view(kv_heads, 1, head_dim, -1).expand(-1, groups, -1, -1)  # (Hkv, G, Dh, D)
-    attn = torch.einsum("bhpd,hed->bhpe", pooled.view(bsz, heads, num, -1), v_weight.reshape(heads, head_dim, -1))
+    # Grouped under their KV head, so each group's pools meet its own W_v shard without copies.
+    pooled = probs.view(bsz, kv_heads, groups * num, seq) @ h[:, None]  # (B, Hkv, G*P, D)
+    attn = torch.einsum("bkqd,ked->bkqe", pooled, w.v_proj.view(kv_heads, head_dim, -1))  # (B, Hkv, G*P, Dh)
     if w.v_bias is not None:
-        attn = attn + w.v_bias.view(kv_heads, 1, head_dim).repeat_interleave(groups, 0)  # (H, 1, Dh)
+        attn = attn + w.v_bias.view(kv_heads, 1, head_dim)
+    attn = attn.reshape(bsz, heads, num, head_dim)  # (P rows only: small)
     out = x[rows, at] + _reduce_from_tp(F.linear(attn.transpose(1, 2).reshape(bsz, num, -1), w.o_proj), tp_group)
     h = _copy_to_tp(rms_norm(out, w.post_norm, shape.rms_norm_eps), tp_group)
     return _residual(out, _reduce_from_tp(_mlp(h, w), tp_group))

@@ -217,8 +217,7 @@ class PioFvlmLlavaNextForConditionalGeneration(
         device = images[0].device
 
         def prepare() -> list[ImageContext]:
-            if _FAIL_ON_TOKENS and any(_contains(c.suffix_ids, _FAIL_ON_TOKENS) for c in contexts):
-                raise RuntimeError("injected selection failure (PIO_FVLM_TEST_FAIL_ON_TOKENS)")
+            _raise_if_injected(contexts)
             return [self._image_context(img, c) for img, c in zip(images, contexts)]
 
         if self.pio_proxy.tp_group is not None:
@@ -264,8 +263,7 @@ class PioFvlmLlavaNextForConditionalGeneration(
 
     def _run_selection(self, image_contexts: list[ImageContext], budgets: list[int],
                        contexts: list[PromptContext]) -> Selection:
-        if _FAIL_ON_TOKENS and any(_contains(c.suffix_ids, _FAIL_ON_TOKENS) for c in contexts):
-            raise RuntimeError("injected selection failure (PIO_FVLM_TEST_FAIL_ON_TOKENS)")
+        _raise_if_injected(contexts)
         return select(self.pio_proxy, image_contexts, budgets, self.pio_settings,
                       handoff_layer=self._handoff_layer_for(contexts))
 
@@ -284,6 +282,11 @@ class PioFvlmLlavaNextForConditionalGeneration(
 # Testing aid: selection raises for images whose following text contains this token-id
 # sequence, so fault handling can be exercised against a real server.
 _FAIL_ON_TOKENS = [int(t) for t in os.environ.get("PIO_FVLM_TEST_FAIL_ON_TOKENS", "").split(",") if t.strip()]
+
+
+def _raise_if_injected(contexts: list[PromptContext]) -> None:
+    if _FAIL_ON_TOKENS and any(_contains(c.suffix_ids, _FAIL_ON_TOKENS) for c in contexts):
+        raise RuntimeError("injected selection failure (PIO_FVLM_TEST_FAIL_ON_TOKENS)")
 
 
 def _contains(ids: list[int], pattern: list[int]) -> bool:

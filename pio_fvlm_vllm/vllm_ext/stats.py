@@ -66,7 +66,6 @@ class SelectionCounters:
     tokens_kept: int = 0
     failures: int = 0
     seconds: float = 0.0
-    passes: int = 0
     # passes per bucket of SECONDS_BUCKETS, the last entry for longer ones (not cumulative)
     seconds_buckets: list[int] = field(default_factory=lambda: [0] * (len(SECONDS_BUCKETS) + 1))
 
@@ -86,7 +85,6 @@ class SelectionStats:
             c = self.counters
             for name, value in increments.items():
                 setattr(c, name, getattr(c, name) + value)
-            c.passes += 1
             c.seconds_buckets[bisect_left(SECONDS_BUCKETS, seconds)] += 1
             self._persist(asdict(c))
             if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
