@@ -1,12 +1,15 @@
-"""Builds LLaVA-NeXT checkpoint directories in the layout of the published llava-hf ones.
+"""Builds LLaVA-NeXT and LLaVA-1.5 checkpoint directories in the layout of the published llava-hf ones.
 
-    python -m pio_fvlm_vllm.checkpoints tiny checkpoints/tiny
+    python -m pio_fvlm_vllm.checkpoints tiny checkpoints/tiny              # LLaVA-NeXT
     python -m pio_fvlm_vllm.checkpoints small checkpoints/small
-    python -m pio_fvlm_vllm.checkpoints 7b-shape checkpoints/7b-shape   # config only
+    python -m pio_fvlm_vllm.checkpoints 7b-shape checkpoints/7b-shape      # config only
+    python -m pio_fvlm_vllm.checkpoints tiny-llava-1.5 checkpoints/tiny-llava-1.5
+    python -m pio_fvlm_vllm.checkpoints 7b-shape-llava-1.5 checkpoints/7b-shape-llava-1.5
 
 A directory holds config.json, generation_config.json, model.safetensors (keys as in
-llava-hf/llava-v1.6-vicuna-7b-hf: `language_model.model.*`, `language_model.lm_head.*`,
-`vision_tower.vision_model.*`, `multi_modal_projector.*`, `image_newline`), the processor's
+llava-hf/llava-v1.6-vicuna-7b-hf and llava-hf/llava-1.5-7b-hf: `language_model.model.*`,
+`language_model.lm_head.*`, `vision_tower.vision_model.*`, `multi_modal_projector.*`, and
+`image_newline` for LLaVA-NeXT), the processor's
 preprocessor_config.json / processor_config.json, and a byte-level BPE tokenizer trained
 offline with a chat template. Weights are random (seeded); `7b-shape` writes no weights and is
 meant for `vllm serve DIR --load-format dummy`.
@@ -55,6 +58,12 @@ _CORPUS = (
 )
 
 
+LLAVA_NEXT = "LlavaNextForConditionalGeneration"
+LLAVA = "LlavaForConditionalGeneration"  # LLaVA-1.5
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
 @dataclass(frozen=True)
 class Preset:
     vision: dict
@@ -64,31 +73,41 @@ class Preset:
     description: str = ""
     image_size: int = 336  # the vision tower's tile; anyres grids are multiples of it
     grid_pinpoints: list = field(default_factory=lambda: LLAVA_V16_GRID_PINPOINTS)
+    architecture: str = LLAVA_NEXT
+
+
+_TINY_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+_TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=4)
+_7B_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  projection_dim=768)
+_7B_TEXT = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32)
 
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
-        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4),
-        vocab_size=1000,
-        description="random, seconds to build, for tests",
+        vision=_TINY_VISION, text=_TINY_TEXT, vocab_size=1000,
+        description="LLaVA-NeXT, random, seconds to build, for tests",
     ),
     "small": Preset(
         vision=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4),
         text=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=32, num_attention_heads=8,
                   num_key_value_heads=8),
         vocab_size=4000,
-        description="random; a 32-layer LLM (the 7B's depth, narrower) so the LLM dominates prefill",
+        description="LLaVA-NeXT, random; a 32-layer LLM (the 7B's depth, narrower) so the LLM dominates prefill",
     ),
     "7b-shape": Preset(
-        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                    projection_dim=768),
-        text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=32),
-        vocab_size=32000,
-        write_weights=False,
+        vision=_7B_VISION, text=_7B_TEXT, vocab_size=32000, write_weights=False,
         description="llava-v1.6-vicuna-7b config, no weights (use --load-format dummy)",
+    ),
+    "tiny-llava-1.5": Preset(
+        vision=_TINY_VISION, text=_TINY_TEXT, vocab_size=1000, architecture=LLAVA,
+        description="LLaVA-1.5 (576 tokens per image), random, seconds to build, for tests",
+    ),
+    "7b-shape-llava-1.5": Preset(
+        vision=_7B_VISION, text=_7B_TEXT, vocab_size=32000, write_weights=False, architecture=LLAVA,
+        description="llava-1.5-7b-hf config, no weights (use --load-format dummy)",
     ),
 }
 
@@ -129,7 +148,7 @@ def build_tokenizer(vocab_size: int, corpus: list[str] | None = None):
 
 
 def build_config(preset: Preset, image_token_id: int):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
     vision = CLIPVisionConfig(image_size=preset.image_size, patch_size=14, hidden_act="quick_gelu",
                               projection_dim=preset.vision.get("projection_dim", 64),
@@ -139,12 +158,12 @@ def build_config(preset: Preset, image_token_id: int):
     text = LlamaConfig(vocab_size=padded_vocab, max_position_embeddings=4096, rms_norm_eps=1e-5,
                        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
                        **preset.text)
-    return LlavaNextConfig(
-        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=image_token_id,
-        image_grid_pinpoints=preset.grid_pinpoints, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", projector_hidden_act="gelu",
-        tie_word_embeddings=False,
-    )
+    common = dict(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=image_token_id,
+                  vision_feature_layer=-2, vision_feature_select_strategy="default",
+                  projector_hidden_act="gelu", tie_word_embeddings=False)
+    layouts = {LLAVA_NEXT: lambda: LlavaNextConfig(image_grid_pinpoints=preset.grid_pinpoints, **common),
+               LLAVA: lambda: LlavaConfig(**common)}
+    return layouts[preset.architecture]()
 
 
 def hub_key(name: str) -> str:
@@ -162,14 +181,19 @@ def hub_key(name: str) -> str:
 
 
 def make_processor(preset: Preset, tokenizer):
-    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+    from transformers import CLIPImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
 
-    image_processor = LlavaNextImageProcessor(
-        image_grid_pinpoints=preset.grid_pinpoints, size={"shortest_edge": preset.image_size},
-        crop_size={"height": preset.image_size, "width": preset.image_size},
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    return LlavaNextProcessor(
+    square = dict(size={"shortest_edge": preset.image_size},
+                  crop_size={"height": preset.image_size, "width": preset.image_size},
+                  image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    layouts = {
+        LLAVA_NEXT: lambda: (LlavaNextProcessor,
+                             LlavaNextImageProcessor(image_grid_pinpoints=preset.grid_pinpoints, **square)),
+        # llava-hf/llava-1.5-7b-hf: resize the short side, centre-crop the tower's square.
+        LLAVA: lambda: (LlavaProcessor, CLIPImageProcessor(resample=3, do_center_crop=True, **square)),
+    }
+    processor_class, image_processor = layouts[preset.architecture]()
+    return processor_class(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
         vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
         image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
@@ -197,13 +221,13 @@ def save_checkpoint(out: Path, config, processor, state_dict=None, note: str = "
 def preset_config(preset: Preset, tokenizer, dtype: str = "float32"):
     config = build_config(preset, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     config.dtype = dtype
-    config.architectures = ["LlavaNextForConditionalGeneration"]
+    config.architectures = [preset.architecture]
     return config
 
 
 def build(preset_name: str, out: Path, *, seed: int = 0, dtype: str = "float32", weights: bool = True) -> Path:
     import torch
-    from transformers import LlavaNextForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     if preset_name not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset_name!r}")
@@ -215,7 +239,8 @@ def build(preset_name: str, out: Path, *, seed: int = 0, dtype: str = "float32",
     state = None
     if preset.write_weights and weights:
         torch.manual_seed(seed)
-        state = LlavaNextForConditionalGeneration(config).to(getattr(torch, dtype)).state_dict()
+        model_class = {LLAVA_NEXT: LlavaNextForConditionalGeneration, LLAVA: LlavaForConditionalGeneration}
+        state = model_class[preset.architecture](config).to(getattr(torch, dtype)).state_dict()
         _log(f"{sum(v.numel() for v in state.values()) / 1e6:.1f}M random parameters")
     save_checkpoint(out, config, make_processor(preset, tokenizer), state,
                     f"# {preset_name}\n\nBuilt by `python -m pio_fvlm_vllm.checkpoints {preset_name} DIR` "

@@ -49,6 +49,36 @@ def test_7b_shape_checkpoint_matches_llava_v16_vicuna_7b(tmp_path):
     assert not list((tmp_path / "7b").glob("*.safetensors"))
 
 
+def test_7b_shape_llava_1_5_checkpoint_matches_llava_1_5_7b_hf(tmp_path):
+    subprocess.run([sys.executable, "-m", "pio_fvlm_vllm.checkpoints", "7b-shape-llava-1.5", str(tmp_path / "7b")],
+                   check=True, cwd=ROOT, capture_output=True)
+    config = json.loads((tmp_path / "7b" / "config.json").read_text())
+    processor = json.loads((tmp_path / "7b" / "processor_config.json").read_text())
+    text, vision = config["text_config"], config["vision_config"]
+    assert (config["architectures"], config["model_type"]) == (["LlavaForConditionalGeneration"], "llava")
+    assert "image_grid_pinpoints" not in config
+    assert (text["hidden_size"], text["num_hidden_layers"], text["intermediate_size"], text["vocab_size"]) == \
+        (4096, 32, 11008, 32064)
+    assert (vision["hidden_size"], vision["num_hidden_layers"], vision["image_size"], vision["patch_size"]) == \
+        (1024, 24, 336, 14)
+    assert (config["image_token_index"], config["vision_feature_layer"]) == (32000, -2)
+    assert processor["processor_class"] == "LlavaProcessor"
+    assert processor["image_processor"]["image_processor_type"] == "CLIPImageProcessor"
+    assert processor["image_processor"]["crop_size"] == {"height": 336, "width": 336}
+    assert not list((tmp_path / "7b").glob("*.safetensors"))
+
+
+def test_tiny_llava_1_5_weights_use_the_published_key_names(tmp_path):
+    from safetensors import safe_open
+
+    subprocess.run([sys.executable, "-m", "pio_fvlm_vllm.checkpoints", "tiny-llava-1.5", str(tmp_path / "t")],
+                   check=True, cwd=ROOT, capture_output=True)
+    with safe_open(str(tmp_path / "t" / "model.safetensors"), "pt") as f:
+        prefixes = {k.split(".")[0] + "." + k.split(".")[1] for k in f.keys()}
+    assert prefixes == {"language_model.model", "language_model.lm_head", "vision_tower.vision_model",
+                        "multi_modal_projector.linear_1", "multi_modal_projector.linear_2"}
+
+
 @pytest.mark.parametrize("dockerfile", ["docker/Dockerfile", "docker/Dockerfile.cpu"])
 def test_dockerfiles_pass_hadolint(dockerfile):
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))

@@ -179,15 +179,16 @@ def test_model_runner_v2_pruning_helper_drives_the_hook_on_cpu_tensors():
     assert (rope.table[1, 3:10] < 0).all() and rope.deltas[0] == delta == 6
 
 
-def _engine_config(pipeline_parallel_size=1):
+def _engine_config(pipeline_parallel_size=1, hf_config=None, architecture="LlavaNextForConditionalGeneration"):
     from transformers import LlavaNextConfig
     from vllm.config.multimodal import MultiModalConfig
     from vllm.transformers_utils.config import uses_mrope
 
-    hf_config = LlavaNextConfig()
+    hf_config = hf_config or LlavaNextConfig()
 
     class ModelConfig:
         multimodal_config = MultiModalConfig()
+        architectures = [architecture]
 
         @property
         def uses_mrope(self):
@@ -213,3 +214,23 @@ def test_the_plugin_supplies_the_engine_settings_of_the_positions_hook():
     supply_engine_config(pipelined)
     assert missing_engine_config(pipelined) == [
         "--pipeline-parallel-size 1 (the positions hook runs on the first stage only)"]
+
+
+def test_checkpoints_a_family_leaves_to_stock_vllm_get_no_engine_settings():
+    """vLLM serves Pixtral-HF under LLaVA's architecture name: the plugin must leave it as is."""
+    from transformers import CLIPVisionConfig, LlavaConfig, PixtralVisionConfig
+
+    from pio_fvlm_vllm.vllm_ext.engine_config import supply_engine_config
+    from pio_fvlm_vllm.vllm_ext.families import model_prunes
+
+    pixtral = _engine_config(hf_config=LlavaConfig(vision_config=PixtralVisionConfig().to_dict()),
+                             architecture="LlavaForConditionalGeneration")
+    supply_engine_config(pixtral)
+    assert not model_prunes(pixtral.model_config)
+    assert not pixtral.model_config.uses_mrope
+    assert not pixtral.model_config.multimodal_config.is_multimodal_pruning_enabled()
+    clip = _engine_config(hf_config=LlavaConfig(vision_config=CLIPVisionConfig().to_dict()),
+                          architecture="LlavaForConditionalGeneration")
+    supply_engine_config(clip)
+    assert model_prunes(clip.model_config) and clip.model_config.uses_mrope
+    assert clip.model_config.multimodal_config.is_multimodal_pruning_enabled()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-ARCHITECTURE = "LlavaNextForConditionalGeneration"
-MODEL_CLASS = "pio_fvlm_vllm.vllm_ext.model:PioFvlmLlavaNextForConditionalGeneration"
 
 
 def is_front_end_process() -> bool:
@@ -19,10 +17,12 @@ def install() -> None:
     from vllm import ModelRegistry
 
     from .engine_config import enable_cpu_pruning_hook, install_engine_config
+    from .families import FAMILIES
     from .stats import ensure_stats_dir, register_collector
 
-    ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)
-    install_engine_config(ARCHITECTURE)
+    for architecture, family in FAMILIES.items():
+        ModelRegistry.register_model(architecture, family.model_class)
+        install_engine_config(architecture)
     enable_cpu_pruning_hook()
     if not is_front_end_process():
         return

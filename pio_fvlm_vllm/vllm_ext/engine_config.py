@@ -22,6 +22,8 @@ import functools
 
 from vllm.logger import init_logger
 
+from .families import model_prunes
+
 logger = init_logger("vllm.pio_fvlm")
 
 # Only the length (3 position rows) matters: the language model reads row 0 alone.
@@ -31,6 +33,8 @@ _HOOK_SWITCH_RATE = 0.5
 
 def supply_engine_config(vllm_config) -> None:
     model_config = vllm_config.model_config
+    if not model_prunes(model_config):
+        return
     hf_config = model_config.hf_config
     if not model_config.uses_mrope:
         hf_config.mrope_section = list(_MROPE_SECTION)
@@ -81,7 +85,8 @@ def install_engine_config(architecture: str) -> None:
             if previous is not None:
                 previous.verify_and_update_config(vllm_config)
             supply_engine_config(vllm_config)
-            check_server_settings(vllm_config.model_config)
+            if model_prunes(vllm_config.model_config):
+                check_server_settings(vllm_config.model_config)
 
     MODELS_CONFIG_MAP[architecture] = PioFvlmEngineConfig
 

@@ -1,6 +1,8 @@
-"""LLaVA-NeXT for vLLM with PIO-FVLM selection in the multimodal embedding step.
+"""PIO-FVLM selection in the multimodal embedding step, for any family in `families/`.
 
-The vision tower and projector run as in stock vLLM and give N embeddings per image; for an
+`PioFvlmModel` goes before a vLLM multimodal model class whose language model is a
+Llama-family `LlamaForCausalLM`-style module (`.language_model.model.layers`). The vision
+tower and projector run as in stock vLLM and give N embeddings per image; for an
 image whose request asked for fewer, the selection pass (proxy forward through the first K
 decoder layers, layer-local gradient saliency, NMS) keeps exactly the number of placeholders
 the processor emitted, in their original order. Every decoder layer then prefills and caches
@@ -11,7 +13,6 @@ after it continue from the states the unpruned prompt gives them there (`handoff
 
 from __future__ import annotations
 
-
 import os
 import time
 from collections.abc import Sequence
@@ -20,22 +21,15 @@ import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
-from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiModalPruning
-from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
-from vllm.model_executor.models.llava_next import (
-    LlavaNextForConditionalGeneration,
-    LlavaNextProcessingInfo,
-)
-from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..algorithm import (ImageContext, ProxyWeights, Selection, seeded_random, select, select_on_every_rank,
                          uniform_stride)
 from ..settings import PioFvlmSettings
 from .context import CONTEXT_FIELD, PromptContext
 from .engine_config import missing_engine_config
+from .families import model_prunes
 from .handoff import HandoffBuffers
 from .positions_hook import PositionsHook, initial_positions, served_rows
-from .processor import PioFvlmLlavaNextProcessor
 from .stats import SELECTION_STATS
 
 logger = init_logger("vllm.pio_fvlm")
@@ -66,16 +60,19 @@ def _as_list(batched: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tenso
     return list(batched.unbind(0)) if isinstance(batched, torch.Tensor) else list(batched)
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    PioFvlmLlavaNextProcessor,
-    info=LlavaNextProcessingInfo,
-    dummy_inputs=LlavaDummyInputsBuilder,
-)
-class PioFvlmLlavaNextForConditionalGeneration(
-    LlavaNextForConditionalGeneration, SupportsMRoPE, SupportsMultiModalPruning
-):
+class PioFvlmModel:
+    """The plugin's side of a pruned model: proxy weights, selection, positions, hand-off.
+
+    A family subclasses `(PioFvlmModel, <vLLM model>, SupportsMRoPE, SupportsMultiModalPruning)`;
+    `super()` below is the vLLM model.
+    """
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.pio_handoff: HandoffBuffers | None = None
+        self.pio_enabled = model_prunes(vllm_config.model_config)
+        if not self.pio_enabled:
+            return  # a checkpoint of this architecture that the family leaves to stock vLLM
         text_config = self.config.text_config
         self.pio_settings = PioFvlmSettings.from_env()
         if self.pio_settings.mode != "encoder_free":
@@ -94,7 +91,6 @@ class PioFvlmLlavaNextForConditionalGeneration(
         self.pio_tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.pio_proxy: ProxyWeights | None = None
         self.quant_method = ProxySnapshotHook()
-        self.pio_handoff: HandoffBuffers | None = None
         if self.pio_handoff_layer:
             scheduler = vllm_config.scheduler_config
             self.pio_handoff = HandoffBuffers(

@@ -1,4 +1,6 @@
-"""LLaVA-NeXT multimodal processor that emits budget(N, visual_keep) placeholders per image.
+"""The multimodal processor side of pruning: budget(N, visual_keep) placeholders per image.
+
+`PioFvlmProcessor` goes before a family's vLLM multimodal processor (see `families/`).
 
 A pruned prompt's first image also claims the text after it (its placeholder range covers it),
 so that text's rows travel with the image's encoder output and take over the proxy's states
@@ -17,7 +19,6 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from vllm.model_executor.models.llava_next import LlavaNextMultiModalProcessor
 from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem, PlaceholderRange
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
 from vllm.multimodal.processing.processor import PromptReplacement, PromptUpdate
@@ -49,8 +50,16 @@ def _prompt_digest(prompt_ids: Sequence[int]) -> str:
     return hashlib.sha256(",".join(map(str, prompt_ids)).encode()).hexdigest()
 
 
-class PioFvlmLlavaNextProcessor(LlavaNextMultiModalProcessor):
+class PioFvlmProcessor:
+    """Mixin for a vLLM `BaseMultiModalProcessor` of a family whose image placeholder is a run
+    of `image_token_index` tokens; `super()` below is that processor."""
+
     _settings: PioFvlmSettings | None = None
+
+    def item_num_tokens(self, item) -> int:
+        """An already processed image's unpruned token count, from its multimodal kwargs item
+        (token-in requests carry items, not images)."""
+        raise NotImplementedError
 
     def server_settings(self) -> PioFvlmSettings:
         """The `PIO_FVLM_*` settings, read once per processor (one per engine)."""
@@ -90,7 +99,7 @@ class PioFvlmLlavaNextProcessor(LlavaNextMultiModalProcessor):
         return result
 
     def _stock_num_tokens(self, mm_items, item_idx: int) -> int:
-        """Unpruned token count of an image, as stock LLaVA-NeXT computes it."""
+        """Unpruned token count of an image, as the stock processor computes it."""
         images = mm_items.get_items("image", (ImageEmbeddingItems, ImageProcessorItems))
         if isinstance(images, ImageEmbeddingItems):
             return images.get_feature_size(item_idx)

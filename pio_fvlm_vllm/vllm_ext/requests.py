@@ -77,12 +77,12 @@ def request_visual_keep(request: Any) -> float | None:
 
 
 def _check_model_supported(model_config: Any) -> None:
-    from . import ARCHITECTURE
+    from .families import model_prunes, supported_list
 
-    architectures = getattr(model_config, "architectures", None) or []
-    if ARCHITECTURE not in architectures:
+    if not model_prunes(model_config):
+        architectures = getattr(model_config, "architectures", None) or []
         raise VLLMValidationError(
-            f"visual_keep: the pio_fvlm plugin prunes {ARCHITECTURE} models; this server's model is "
+            f"visual_keep: the pio_fvlm plugin prunes {supported_list()} models; this server's model is "
             f"{', '.join(architectures) or 'unknown'}, which it does not prune. Leave visual_keep out.",
             parameter=VISUAL_KEEP_FIELD,
         )

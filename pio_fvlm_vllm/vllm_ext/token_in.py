@@ -12,8 +12,8 @@ from vllm.entrypoints.scale_out.token_in_token_out.mm_features import mm_kwargs_
 from vllm.exceptions import VLLMValidationError
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from . import ARCHITECTURE
 from .context import CONTEXT_FIELD, PromptContext, image_contexts
+from .families import model_prunes
 
 
 def token_in_context_problem(token_ids: list[int], features, image_token_id: int, num_image_tokens) -> str | None:
@@ -59,17 +59,13 @@ def check_token_in(serve_tokens):
     async def wrapper(self, request, *args, **kwargs):
         features = getattr(request, "features", None)
         if features is not None and (features.kwargs_data or features.mm_metadata):
-            if ARCHITECTURE in (self.model_config.architectures or []):
+            if model_prunes(self.model_config):
                 processor = getattr(self, "_pio_fvlm_processor", None)
                 if processor is None:
                     processor = self._pio_fvlm_processor = MULTIMODAL_REGISTRY.create_processor(self.model_config)
-
-                def num_image_tokens(item) -> int:
-                    height, width = item["image_sizes"].data.tolist()
-                    return processor.info.get_num_image_tokens(image_width=width, image_height=height)
-
                 problem = token_in_context_problem(request.token_ids, features,
-                                                   self.model_config.hf_config.image_token_index, num_image_tokens)
+                                                   self.model_config.hf_config.image_token_index,
+                                                   processor.item_num_tokens)
                 if problem is not None:
                     return self.create_error_response(VLLMValidationError(problem, parameter="features"))
         return await serve_tokens(self, request, *args, **kwargs)
