@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import os
 import platform
@@ -9,7 +10,31 @@ import shlex
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(__file__).parent / "results"  # committed: what README and the docs quote
+SCRATCH = Path(__file__).parent / "scratch"  # ignored by git: where a run writes unless told
+_output = SCRATCH
+
+
+def results_dir() -> Path:
+    """Where this run writes its results: `benchmarks/scratch/`, or `benchmarks/results/`
+    with --update-results."""
+    return _output
+
+
+class BenchmarkParser(argparse.ArgumentParser):
+    """A benchmark's command line, with --update-results choosing where results go."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--update-results", action="store_true",
+                          help=f"write to the committed {RESULTS.relative_to(RESULTS.parents[1])}/ instead "
+                               f"of {SCRATCH.relative_to(SCRATCH.parents[1])}/")
+
+    def parse_args(self, *args, **kwargs):
+        global _output
+        parsed = super().parse_args(*args, **kwargs)
+        _output = RESULTS if parsed.update_results else SCRATCH
+        return parsed
 
 
 def machine() -> str:
@@ -36,8 +61,9 @@ def __spec_name() -> str:
 
 
 def write_result(name: str, title: str, body: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
+    out = results_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     path.write_text(
         f"# {title}\n\n- command: `{command()}`\n- machine: {machine()}\n- date: {stamp}\n\n{body.rstrip()}\n"

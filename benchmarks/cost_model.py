@@ -17,7 +17,7 @@ import argparse
 
 from pio_fvlm_vllm.budget import budget
 
-from .common import write_result
+from .common import BenchmarkParser, write_result
 from .selection_cost import SHAPES
 
 
@@ -42,7 +42,7 @@ def selection_flops(tokens: int, shape, k_layers: int) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = BenchmarkParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="7b")
     p.add_argument("--image-tokens", type=int, default=2880)
     p.add_argument("--text-tokens", type=int, default=64)

@@ -16,12 +16,12 @@ import time
 
 from pio_fvlm_vllm.images import synthetic_image
 
-from .common import progress, write_result
+from .common import BenchmarkParser, progress, write_result
 from .serving import SIZES
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = BenchmarkParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints/small")
     p.add_argument("--load-format", default="auto")
     p.add_argument("--dtype", default="float32")

@@ -28,7 +28,7 @@ from pio_fvlm_vllm.algorithm.decoder import decoder_layer, rotary_cos_sin
 from pio_fvlm_vllm.budget import budget
 from pio_fvlm_vllm.settings import PioFvlmSettings
 
-from .common import progress, write_result
+from .common import BenchmarkParser, progress, write_result
 
 SHAPES = {
     # hidden, heads, kv heads, intermediate, layers, vocab
@@ -96,7 +96,7 @@ def prefill(weights: ProxyWeights, x: torch.Tensor, layers: int) -> torch.Tensor
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = BenchmarkParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="small")
     p.add_argument("--n", type=int, nargs="+", default=[576, 1152, 2880], help="image tokens")
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4], help="proxy layers K")

@@ -32,7 +32,7 @@ from pathlib import Path
 from pio_fvlm_vllm.images import image_message, synthetic_image
 from pio_fvlm_vllm.serving import VllmServer, fetch_metrics, metric_value
 
-from .common import RESULTS, progress, write_result
+from .common import BenchmarkParser, progress, results_dir, write_result
 
 SIZES = [(640, 480), (1008, 336), (672, 672), (336, 1008), (800, 600)]
 QUESTIONS = ["What is shown in this image?", "Describe the objects and their colours.",
@@ -237,7 +237,7 @@ def plot(results: list[Result], path: Path) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = BenchmarkParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="checkpoints/small", help="model directory to serve (started here)")
     p.add_argument("--base-url", default=None, help="target an already running plugin server instead")
     p.add_argument("--model", default=None, help="served model name (with --base-url)")
@@ -299,8 +299,8 @@ def main(argv=None):
              f"{', --load-format ' + args.load_format if args.load_format else ''}; stock = vLLM with no "
              f"plugin loaded (VLLM_PLUGINS=''), same arguments.\n\n![serving](serving_{args.name}.png)\n\n")
     write_result(f"serving_{args.name}.md", "Serving benchmark", intro + body)
-    (RESULTS / f"serving_{args.name}.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
-    plot(results, RESULTS / f"serving_{args.name}.png")
+    (results_dir() / f"serving_{args.name}.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    plot(results, results_dir() / f"serving_{args.name}.png")
 
 
 if __name__ == "__main__":

@@ -20,3 +20,18 @@ def test_selection_is_cheaper_than_k_full_layers_and_prefill_scales_superlinearl
     for k in (1, 2, 4):
         assert selection_flops(n, shape, k) < (k + 1) * layer_flops(n, d, d, d // heads * kv, inter)
     assert prefill_flops(2 * n, shape) > 2 * prefill_flops(n, shape) - 2 * d * vocab
+
+
+def test_benchmarks_write_to_scratch_unless_told_to_update_the_committed_results(tmp_path, monkeypatch):
+    import benchmarks.common as common
+    from benchmarks.cost_model import main
+
+    committed = (common.RESULTS / "cost_model_7b.md").read_text()
+    monkeypatch.setattr(common, "SCRATCH", tmp_path / "scratch")
+    main([])
+    assert (tmp_path / "scratch" / "cost_model_7b.md").read_text().startswith("# Prefill FLOPs")
+    assert (common.RESULTS / "cost_model_7b.md").read_text() == committed
+    common.BenchmarkParser().parse_args(["--update-results"])
+    assert common.results_dir() == common.RESULTS
+    common.BenchmarkParser().parse_args([])
+    assert common.results_dir() == tmp_path / "scratch"

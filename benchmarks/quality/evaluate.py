@@ -34,7 +34,7 @@ from pio_fvlm_vllm.budget import budget
 from pio_fvlm_vllm.reference import HFReference
 from pio_fvlm_vllm.settings import ENV_PREFIX, PioFvlmSettings
 
-from ..common import RESULTS, progress, write_result
+from ..common import BenchmarkParser, progress, results_dir, write_result
 from .task import TEST_SEEDS, make_example
 from .train import answer_token_ids, prompt
 
@@ -289,7 +289,7 @@ def plot(hf: dict, server: dict | None, keeps: list[float], path: Path) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = BenchmarkParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=Path(__file__).parent / "checkpoint")
     p.add_argument("--scenes", type=int, default=400)
     p.add_argument("--keeps", type=float, nargs="+", default=KEEPS)
@@ -309,7 +309,7 @@ def main(argv=None):
         hf = {**saved["hf"], "methods": {n: keys(m) for n, m in saved["hf"]["methods"].items()}}
         server = {label: keys(runs) for label, runs in (saved["server"] or {}).items()} or None
         keeps = sorted(next(iter(hf["methods"].values())), reverse=True)
-        plot(hf, server, keeps, RESULTS / f"{args.name}.png")
+        plot(hf, server, keeps, results_dir() / f"{args.name}.png")
         return
     if not 1 <= args.scenes <= len(TEST_SEEDS):
         p.error(f"--scenes must be in [1, {len(TEST_SEEDS)}] (the held-out split), got {args.scenes}")
@@ -329,8 +329,8 @@ def main(argv=None):
     body = report(hf, server, args.keeps, len(scenes), args.checkpoint)
     print(body)
     write_result(f"{args.name}.md", "Quality: accuracy vs keep ratio", body + f"\n\n![quality]({args.name}.png)\n")
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"hf": hf, "server": server}, indent=1, default=str))
-    plot(hf, server, args.keeps, RESULTS / f"{args.name}.png")
+    (results_dir() / f"{args.name}.json").write_text(json.dumps({"hf": hf, "server": server}, indent=1, default=str))
+    plot(hf, server, args.keeps, results_dir() / f"{args.name}.png")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 from pio_fvlm_vllm.reference import HFReference
 from pio_fvlm_vllm.settings import PioFvlmSettings
 
-from ..common import RESULTS, progress, write_result
+from ..common import BenchmarkParser, progress, results_dir, write_result
 from .task import TEST_SEEDS, make_example
 from .train import answer_token_ids, prompt
 
@@ -86,7 +86,7 @@ def report(result: dict, keeps: list[float]) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = BenchmarkParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=Path(__file__).parent / "checkpoint")
     p.add_argument("--scenes", type=int, default=400)
     p.add_argument("--keeps", type=float, nargs="+", default=[0.222, 0.111, 0.05])
@@ -104,7 +104,7 @@ def main(argv=None):
     body = report(result, args.keeps)
     print(body)
     write_result(f"{args.name}.md", "Quality: hand-off candidates and scorings", body)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    (results_dir() / f"{args.name}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

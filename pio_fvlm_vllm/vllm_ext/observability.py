@@ -46,25 +46,80 @@ class _TotalsByHash:
 IMAGE_TOTALS = _TotalsByHash()
 
 
-def image_token_counts(engine_inputs: Iterable[dict]) -> tuple[int, int] | None:
-    """(kept, total) image tokens over a request's rendered prompts; None without images."""
-    kept = total = 0
-    seen = False
+def per_image_counts(engine_inputs: Iterable[dict]) -> list[tuple[int, int]]:
+    """(kept, total) image tokens of every image in a request's rendered prompts."""
+    counts = []
     for engine_input in engine_inputs:
         if not isinstance(engine_input, dict):
             continue
         placeholders = (engine_input.get("mm_placeholders") or {}).get("image", [])
         hashes = (engine_input.get("mm_hashes") or {}).get("image", [None] * len(placeholders))
         for placeholder, mm_hash in zip(placeholders, hashes):
-            seen = True
-            counts = IMAGE_TOTALS.get(mm_hash) if mm_hash is not None else None
-            image_kept, image_total = counts or (placeholder.length, placeholder.length)
-            kept += image_kept
-            total += image_total
-    return (kept, total) if seen else None
+            known = IMAGE_TOTALS.get(mm_hash) if mm_hash is not None else None
+            counts.append(known or (placeholder.length, placeholder.length))
+    return counts
 
 
-def note_rendered(engine_inputs: Iterable[dict]) -> None:
+def image_token_counts(engine_inputs: Iterable[dict]) -> tuple[int, int] | None:
+    """(kept, total) image tokens over a request's rendered prompts; None without images."""
+    counts = per_image_counts(engine_inputs)
+    return (sum(k for k, _ in counts), sum(t for _, t in counts)) if counts else None
+
+
+# Upper bounds of the kept-share histogram's buckets (per served image); +Inf is implied.
+KEPT_SHARE_BUCKETS = (0.02, 0.05, 0.08, 0.111, 0.15, 0.2, 0.25, 0.333, 0.5, 0.75, 0.999, 1.0)
+
+
+class ServedImageMetrics:
+    """Per-request counts of served images and their tokens, in the API server.
+
+    Counted when a request is rendered for the engine, so images the engine serves from its
+    caches count like any other. prometheus_client follows vLLM's own metrics: the default
+    registry with one API server, the multiprocess directory vLLM sets up with several.
+    """
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Histogram
+
+        labels = ["model_name"]
+        self.images = Counter("pio_fvlm_served_images", "Images in requests rendered for serving "
+                              "(pruned or not, cache hits included)", labels)
+        self.pruned = Counter("pio_fvlm_served_images_pruned", "Served images that kept fewer tokens "
+                              "than they have", labels)
+        self.tokens = Counter("pio_fvlm_served_image_tokens", "Image tokens the served images have, "
+                              "unpruned", labels)
+        self.kept = Counter("pio_fvlm_served_image_tokens_kept", "Image tokens prefilled and cached for "
+                            "the served images", labels)
+        self.share = Histogram("pio_fvlm_served_image_kept_share", "Share of its tokens each served "
+                               "image kept", labels, buckets=KEPT_SHARE_BUCKETS)
+
+    def record(self, model_name: str, counts: list[tuple[int, int]]) -> None:
+        for kept, total in counts:
+            self.images.labels(model_name).inc()
+            self.tokens.labels(model_name).inc(total)
+            self.kept.labels(model_name).inc(kept)
+            if kept < total:
+                self.pruned.labels(model_name).inc()
+            self.share.labels(model_name).observe(kept / total if total else 1.0)
+
+
+_served: ServedImageMetrics | None = None
+_served_lock = threading.Lock()
+
+
+def served_image_metrics() -> ServedImageMetrics:
+    global _served
+    with _served_lock:
+        if _served is None:
+            _served = ServedImageMetrics()
+        return _served
+
+
+def note_rendered(engine_inputs: Iterable[dict], model_name: str | None = None) -> None:
+    engine_inputs = list(engine_inputs)
+    images = per_image_counts(engine_inputs)
+    if model_name is not None and images:
+        served_image_metrics().record(model_name, images)
     holder = _current.get()
     if holder is None:
         return

@@ -88,6 +88,11 @@ def _check_model_supported(model_config: Any) -> None:
         )
 
 
+def _served_model_name(model_config: Any) -> str:
+    name = getattr(model_config, "served_model_name", None) or getattr(model_config, "model", "")
+    return name[0] if isinstance(name, (list, tuple)) else str(name)
+
+
 def _route_online(preprocess):
     @functools.wraps(preprocess)
     async def wrapper(self, request, *args, **kwargs):
@@ -100,7 +105,7 @@ def _route_online(preprocess):
         # preprocess_chat returns (conversation, engine_inputs), preprocess_cmpl engine_inputs.
         engine_inputs = result[1] if isinstance(result, tuple) else result
         if isinstance(engine_inputs, list):
-            note_rendered(engine_inputs)
+            note_rendered(engine_inputs, _served_model_name(self.model_config))
         return result
 
     wrapper.__pio_fvlm__ = True

@@ -105,11 +105,18 @@ class SelectionStats:
 SELECTION_STATS = SelectionStats()
 
 
+_owned_dir: tempfile.TemporaryDirectory | None = None
+
+
 def ensure_stats_dir() -> str:
-    """The shared directory, created once by the first process; children inherit it."""
+    """The shared directory, created once by the first process; children inherit it. The
+    process that creates it removes it, with the workers' files, when it exits (as vLLM does
+    with its Prometheus directory)."""
+    global _owned_dir
     directory = os.environ.get(STATS_DIR_ENV)
     if not directory or not os.path.isdir(directory):
-        directory = tempfile.mkdtemp(prefix="pio_fvlm_stats_")
+        _owned_dir = tempfile.TemporaryDirectory(prefix="pio_fvlm_stats_")
+        directory = _owned_dir.name
         os.environ[STATS_DIR_ENV] = directory
     return directory
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from pio_fvlm_vllm.budget import budget
-from pio_fvlm_vllm.serving import VllmServer, fetch_metrics
+from pio_fvlm_vllm.serving import VllmServer, fetch_metrics, metric_value
 from pio_fvlm_vllm.vllm_ext.observability import HEADER
 
 from .conftest import SERVER_ARGS
@@ -52,6 +52,10 @@ def test_every_api_server_prunes_validates_and_counts(scaled_server, model_name)
         assert status == 400 and "visual_keep" in json.dumps(payload), payload
     text = fetch_metrics(scaled_server.base_url)
     assert "pio_fvlm_images_pruned_total" in text and "pio_fvlm_selection_pass_seconds_bucket" in text
+    # Served images, counted in whichever API server rendered them: 12 requests with one image.
+    served = f'pio_fvlm_served_images_total{{model_name="{model_name}"}}'
+    assert metric_value(text, "pio_fvlm_served_images_total") >= 12 and served in text
+    assert metric_value(text, "pio_fvlm_served_images_pruned_total") >= 8
 
 
 @pytest.mark.parametrize("key", ["_pio_fvlm_keep", "_pio_fvlm_prompt"])

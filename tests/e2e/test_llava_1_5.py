@@ -6,7 +6,7 @@ import json
 import pytest
 
 from pio_fvlm_vllm.budget import budget
-from pio_fvlm_vllm.serving import VllmServer, fetch_metrics
+from pio_fvlm_vllm.serving import VllmServer, fetch_metrics, metric_value
 
 from .helpers import QUESTION_A, QUESTION_B, chat, messages, post_chat, token_logprobs
 
@@ -28,9 +28,13 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "llava-1.5.log"
+    tmp = tmp_path_factory.mktemp("server-tmp")
     # Development mode exposes the cache-reset endpoints used below.
-    with VllmServer(checkpoint, args=ARGS, log_path=log, env={"VLLM_SERVER_DEV_MODE": "1"}) as srv:
+    with VllmServer(checkpoint, args=ARGS, log_path=log, env={"VLLM_SERVER_DEV_MODE": "1", "TMPDIR": str(tmp)}) as srv:
+        assert list(tmp.glob("pio_fvlm_*")), "the server keeps its metrics directory in TMPDIR"
         yield srv
+    # A stopped server leaves nothing of the plugin's behind.
+    assert not list(tmp.glob("pio_fvlm_*")), list(tmp.iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +71,12 @@ def _prefill_kv_tokens(srv) -> float:
     text = fetch_metrics(srv.base_url)
     return sum(float(line.split()[-1]) for line in text.splitlines()
                if line.startswith("vllm:request_prefill_kv_computed_tokens_sum"))
+
+
+def _share_bucket(metrics_text: str, le: str) -> float:
+    """The kept-share histogram's cumulative count at upper bound `le`, over all models."""
+    return sum(float(line.split()[-1]) for line in metrics_text.splitlines()
+               if line.startswith("pio_fvlm_served_image_kept_share_bucket") and f'le="{le}"' in line)
 
 
 def _reset_caches(srv) -> None:
@@ -139,3 +149,27 @@ def test_keep_one_and_no_keep_are_bit_identical_to_stock_vllm(client, model, sto
         ours = chat(client, model, msgs, keep, logprobs=True, max_tokens=8, extra={"cache_salt": salt})
         assert ours.usage.prompt_tokens == theirs.usage.prompt_tokens
         assert token_logprobs(ours) == token_logprobs(theirs)
+
+
+def test_metrics_count_served_images_cache_hits_included(client, model, server):
+    """The same pruned request twice: one selection pass (the second is served from the
+    caches), two served images, both counted under the served model's name."""
+    names = ("pio_fvlm_served_images_total", "pio_fvlm_served_images_pruned_total",
+             "pio_fvlm_served_image_tokens_total", "pio_fvlm_served_image_tokens_kept_total",
+             "pio_fvlm_images_pruned_total", "pio_fvlm_served_image_kept_share_count")
+    first = fetch_metrics(server.base_url)
+    before = {n: metric_value(first, n) or 0.0 for n in names}
+    before_buckets = {le: _share_bucket(first, le) for le in ("0.111", "0.15")}
+    for _ in range(2):
+        chat(client, model, messages(seed=70), 0.111, max_tokens=1)
+    text = fetch_metrics(server.base_url)
+    delta = {n: metric_value(text, n) - before[n] for n in names}
+    k = budget(N, 0.111)
+    assert delta == {"pio_fvlm_served_images_total": 2, "pio_fvlm_served_images_pruned_total": 2,
+                     "pio_fvlm_served_image_tokens_total": 2 * N,
+                     "pio_fvlm_served_image_tokens_kept_total": 2 * k,
+                     "pio_fvlm_images_pruned_total": 1, "pio_fvlm_served_image_kept_share_count": 2}
+    assert f'pio_fvlm_served_images_total{{model_name="{model}"}}' in text
+    # k / N = 64 / 576 = 0.1111: both observations fall in the bucket (0.111, 0.15].
+    in_bucket = _share_bucket(text, "0.15") - _share_bucket(text, "0.111")
+    assert in_bucket - (before_buckets["0.15"] - before_buckets["0.111"]) == 2
