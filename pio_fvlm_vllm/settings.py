@@ -1,7 +1,9 @@
-"""Every knob of the plugin, validated by pydantic.
+"""Every knob of the plugin: one typed pydantic-settings model.
 
-Server-wide values come from `PIO_FVLM_*` environment variables (read in every vLLM process,
-so the API server and the workers agree); `visual_keep` can also be set per request.
+Server-wide values come from `PIO_FVLM_*` environment variables, read by pydantic-settings'
+environment source in every vLLM process, so the API server and the workers agree; the server
+default `visual_keep` can also come from vLLM's `--mm-processor-kwargs`, and every request can
+name its own.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import os
 from typing import Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
 
 from .budget import validate_visual_keep
 
@@ -44,10 +48,30 @@ def default_proxy_layer(num_hidden_layers: int) -> int:
     return max(1, min(num_hidden_layers - 1, max(2, round(num_hidden_layers / 16))))
 
 
-class PioFvlmSettings(BaseModel):
-    """Settings of the PIO-FVLM selection pass."""
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping (os.environ by default)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    def __init__(self, settings_cls, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self):
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+class PioFvlmSettings(BaseSettings):
+    """Settings of the PIO-FVLM selection pass.
+
+    `PioFvlmSettings(...)` takes the values given and nothing else; `from_env()` reads the
+    `PIO_FVLM_<FIELD>` variables (empty ones count as unset).
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True, extra="forbid", frozen=True)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return (init_settings,)
 
     visual_keep: float = Field(
         1.0, description="Default share of image tokens kept when a request does not say; (0, 1]."
@@ -201,31 +225,17 @@ class PioFvlmSettings(BaseModel):
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "PioFvlmSettings":
         """Reads `PIO_FVLM_<FIELD>` variables; raises ValueError naming the variable."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, object] = {}
-        for name, field in cls.model_fields.items():
-            raw = environ.get(ENV_PREFIX + name.upper())
-            if raw is None or raw == "":
-                continue
-            annotation = field.annotation
-            if annotation is bool:
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(f"{ENV_PREFIX}{name.upper()} must be true or false, got {raw!r}")
-                values[name] = raw.lower() in ("true", "1")
-            elif name == "visual_keep" or annotation is float:
-                try:
-                    values[name] = float(raw)
-                except ValueError:
-                    raise ValueError(
-                        f"{ENV_PREFIX}{name.upper()} must be a number, got {raw!r}"
-                    ) from None
-            else:
-                values[name] = raw
+        values = _Environment(cls, os.environ if environ is None else environ)()
+        if isinstance(values.get("visual_keep"), str):
+            # A request's keep must be a JSON number, so the validator refuses strings.
+            try:
+                values["visual_keep"] = float(values["visual_keep"])
+            except ValueError:
+                raise ValueError(f"{ENV_PREFIX}VISUAL_KEEP must be a number, got {values['visual_keep']!r}") from None
         try:
             return cls(**values)
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"]) or "settings"
-            raise ValueError(
-                f"{ENV_PREFIX}{field.upper()}: {first['msg']} (got {first.get('input')!r})"
-            ) from None
+            message = first["msg"].removeprefix("Value error, ")
+            raise ValueError(f"{ENV_PREFIX}{field.upper()}: {message} (got {first.get('input')!r})") from None

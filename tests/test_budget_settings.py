@@ -86,7 +86,7 @@ def test_handoff_layer_defaults_and_bounds():
     assert PioFvlmSettings(selector="uniform").handoff_layer_for(32) == 0
     with pytest.raises(ValueError, match=r"handoff_layer \(PIO_FVLM_HANDOFF_LAYER\) must be in \[0, 1\]"):
         PioFvlmSettings(handoff_layer=2).handoff_layer_for(32)
-    with pytest.raises(ValueError, match="PIO_FVLM_NMS_INCLUSIVE must be true or false"):
+    with pytest.raises(ValueError, match="PIO_FVLM_NMS_INCLUSIVE: Input should be a valid boolean"):
         PioFvlmSettings.from_env({"PIO_FVLM_NMS_INCLUSIVE": "maybe"})
     with pytest.raises(ValueError, match="PIO_FVLM_SELECTOR"):
         PioFvlmSettings.from_env({"PIO_FVLM_SELECTOR": "best"})
