@@ -99,6 +99,30 @@ def test_compose_file_builds_the_gpu_image():
     assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
 
 
+def dashboard_metric_names() -> set[str]:
+    """Every metric name the Grafana dashboard's queries read (histogram series by base name)."""
+    dashboard = json.loads((ROOT / "docker/grafana/dashboards/pio_fvlm.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    names = {n for e in exprs for n in re.findall(r"\b((?:pio_fvlm|vllm:)[a-z_:]+)", e)}
+    return {re.sub(r"_bucket$", "", n) for n in names}
+
+
+def test_compose_wires_prometheus_and_grafana_to_the_server():
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]
+    scrape = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
+    assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["llava:8000"]
+    assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in compose["prometheus"]["volumes"]
+    for volume in compose["grafana"]["volumes"] + compose["prometheus"]["volumes"]:
+        assert (ROOT / "docker" / volume.split(":")[0]).exists(), volume
+    for service in ("prometheus", "grafana"):
+        assert re.search(r":v?\d+\.\d+\.\d+$", compose[service]["image"]), compose[service]["image"]
+    source = yaml.safe_load((ROOT / "docker/grafana/provisioning/datasources/prometheus.yaml").read_text())
+    dashboard = json.loads((ROOT / "docker/grafana/dashboards/pio_fvlm.json").read_text())
+    uids = {t["datasource"]["uid"] for panel in dashboard["panels"] for t in panel["targets"]}
+    assert uids == {source["datasources"][0]["uid"]}
+    assert "pio_fvlm_served_images_total" in dashboard_metric_names()
+
+
 def test_entrypoint_adds_the_plugin_flag_once(tmp_path):
     fake = tmp_path / "vllm"
     fake.write_text('#!/usr/bin/env bash\necho "$@"\n')

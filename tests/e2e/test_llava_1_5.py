@@ -2,6 +2,7 @@
 plugin, against a stock server of the same checkpoint, through the OpenAI client on loopback."""
 
 import json
+import re
 
 import pytest
 
@@ -173,3 +174,14 @@ def test_metrics_count_served_images_cache_hits_included(client, model, server):
     # k / N = 64 / 576 = 0.1111: both observations fall in the bucket (0.111, 0.15].
     in_bucket = _share_bucket(text, "0.15") - _share_bucket(text, "0.111")
     assert in_bucket - (before_buckets["0.15"] - before_buckets["0.111"]) == 2
+
+
+def test_every_metric_the_grafana_dashboard_reads_is_served(client, model, server):
+    from tests.test_docs import dashboard_metric_names
+
+    chat(client, model, messages(seed=80), 0.2, max_tokens=1)
+    text = fetch_metrics(server.base_url)
+    served = {re.sub(r"_(bucket|count|sum|created)$", "", line.split("{")[0].split(" ")[0])
+              for line in text.splitlines() if line and not line.startswith("#")}
+    missing = sorted(n for n in dashboard_metric_names() if n not in served)
+    assert not missing, missing
