@@ -49,7 +49,7 @@ def test_digits_round_trip_exactly_in_every_dtype(dtype):
 
 
 def test_context_round_trip_and_malformed():
-    ctx = PromptContext(5, 40, 3, 7, 2, [1, 2, 3], [9, 8])
+    ctx = PromptContext(5, 40, 3, 7, 2, [1, 2, 3], [9, 8], image_key=2**60 - 1)
     assert PromptContext.unpack(ctx.pack()) == ctx
     assert ctx.pruned and ctx.handoff
     assert not PromptContext(KEEP_ALL, 40, 3, 3, NO_HANDOFF, [], []).pruned

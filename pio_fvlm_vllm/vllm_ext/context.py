@@ -19,7 +19,7 @@ KEEP_ALL = -1
 NO_HANDOFF = -1
 
 
-_HEADER = 6
+_HEADER = 7
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class PromptContext:
     handoff_rows: int  # text rows after the image that take over the proxy's states; NO_HANDOFF
     prefix_ids: list[int]
     suffix_ids: list[int]
+    image_key: int = 0  # the image's multimodal hash, shortened (`kept_indices.image_key`); 0: none
 
     @property
     def pruned(self) -> bool:
@@ -44,17 +45,18 @@ class PromptContext:
     def pack(self) -> torch.Tensor:
         return torch.tensor(
             [self.num_keep, self.num_tokens, self.served_offset, self.original_offset,
-             self.handoff_rows, len(self.prefix_ids), *self.prefix_ids, *self.suffix_ids],
+             self.handoff_rows, self.image_key, len(self.prefix_ids), *self.prefix_ids, *self.suffix_ids],
             dtype=torch.int64,
         )
 
     @classmethod
     def unpack(cls, packed: torch.Tensor) -> "PromptContext":
         values = packed.reshape(-1).tolist()
-        if len(values) < _HEADER or not 0 <= values[5] <= len(values) - _HEADER:
+        if len(values) < _HEADER or not 0 <= values[6] <= len(values) - _HEADER:
             raise ValueError(f"malformed PIO-FVLM context of {len(values)} values")
-        num_prefix = values[5]
-        return cls(*values[:5], values[_HEADER : _HEADER + num_prefix], values[_HEADER + num_prefix :])
+        num_prefix = values[6]
+        return cls(*values[:5], values[_HEADER : _HEADER + num_prefix], values[_HEADER + num_prefix :],
+                   image_key=values[5])
 
 
 def image_contexts(prompt_ids: list[int], image_token_id: int) -> list[tuple[list[int], list[int]]]:

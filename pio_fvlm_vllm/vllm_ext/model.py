@@ -29,6 +29,7 @@ from .context import CONTEXT_FIELD, PromptContext
 from .engine_config import missing_engine_config
 from .families import model_prunes
 from .handoff import HandoffBuffers
+from .kept_indices import KEPT_STORE
 from .positions_hook import PositionsHook, initial_positions, served_rows
 from .stats import SELECTION_STATS
 
@@ -187,6 +188,7 @@ class PioFvlmModel:
         seen = [embeddings[i].shape[0] for i in todo]
         for j, i in enumerate(todo):
             ctx, kept = contexts[i], selection.kept[j].to(embeddings[i].device)
+            KEPT_STORE.put(ctx.image_key, kept.tolist(), ctx.num_tokens)
             embeds = embeddings[i][kept]
             if ctx.handoff_rows > 0:
                 text = self._embed_text(ctx.suffix_ids[: ctx.handoff_rows], embeds.device)

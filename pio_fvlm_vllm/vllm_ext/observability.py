@@ -115,7 +115,16 @@ def served_image_metrics() -> ServedImageMetrics:
         return _served
 
 
-def note_rendered(engine_inputs: Iterable[dict], model_name: str | None = None) -> None:
+def _image_hashes(engine_inputs: Iterable[dict]) -> list[str | None]:
+    hashes = []
+    for engine_input in engine_inputs:
+        if isinstance(engine_input, dict):
+            placeholders = (engine_input.get("mm_placeholders") or {}).get("image", [])
+            hashes += list((engine_input.get("mm_hashes") or {}).get("image", [None] * len(placeholders)))
+    return hashes
+
+
+def note_rendered(engine_inputs: Iterable[dict], model_name: str | None = None, wants_kept: bool = False) -> None:
     engine_inputs = list(engine_inputs)
     images = per_image_counts(engine_inputs)
     if model_name is not None and images:
@@ -123,6 +132,8 @@ def note_rendered(engine_inputs: Iterable[dict], model_name: str | None = None) 
     holder = _current.get()
     if holder is None:
         return
+    if wants_kept:
+        holder.setdefault("kept_hashes", []).extend(_image_hashes(engine_inputs))
     counts = image_token_counts(engine_inputs)
     if counts is not None:
         # A batch request renders each conversation in turn: the header sums them.
@@ -142,13 +153,19 @@ class ImageTokensHeaderMiddleware:
         holder: dict = {}
         token = _current.set(holder)
 
+        held: list[dict] = []  # the response, while kept indices are added to its body
+
         async def send_with_header(message):
             if message["type"] == "http.response.start" and "counts" in holder:
                 kept, total = holder["counts"]
                 headers = list(message.get("headers", []))
                 headers.append((HEADER.encode(), f"{kept}/{total}".encode()))
                 message = {**message, "headers": headers}
-            await send(message)
+            if "kept_hashes" not in holder:
+                return await send(message)
+            held.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                await send_with_kept_indices(held, holder["kept_hashes"], send)
 
         try:
             await self.app(scope, receive, send_with_header)
@@ -173,3 +190,15 @@ def install_http_middleware() -> None:
 
     init_entrypoints_middleware.__pio_fvlm__ = True
     app_module.init_entrypoints_middleware = init_entrypoints_middleware
+
+
+async def send_with_kept_indices(held: list[dict], hashes: list[str | None], send) -> None:
+    """Sends a held response with the request's kept indices added to its JSON body."""
+    from .kept_indices import add_to_body, report
+
+    start, *chunks = held
+    body = add_to_body(b"".join(m.get("body", b"") for m in chunks), report(hashes))
+    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({**start, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

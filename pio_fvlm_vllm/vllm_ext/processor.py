@@ -27,6 +27,7 @@ from ..budget import VISUAL_KEEP_FIELD, budget, validate_visual_keep
 from ..positions import handoff_rows
 from ..settings import PioFvlmSettings
 from .context import CONTEXT_FIELD, KEEP_ALL, NO_HANDOFF, PromptContext, image_contexts
+from .kept_indices import image_key
 from .observability import IMAGE_TOTALS
 
 # Processor kwargs private to the plugin. They take part in the multimodal hash (so the
@@ -139,7 +140,8 @@ class PioFvlmProcessor:
                     placeholders[0] = PlaceholderRange(offset=placeholder.offset, length=k + rows)
             if prune:
                 IMAGE_TOTALS.put(hashes[i], k, n)
-            ctx = (PromptContext(k, n, placeholder.offset, placeholder.offset + dropped, rows, *around[i])
+            ctx = (PromptContext(k, n, placeholder.offset, placeholder.offset + dropped, rows, *around[i],
+                                 image_key=image_key(hashes[i]))
                    if prune else PromptContext(KEEP_ALL, n, placeholder.offset, placeholder.offset + dropped, NO_HANDOFF, [], []))
             dropped += n - k
             if item is not None:  # None: the engine already holds this item, context included

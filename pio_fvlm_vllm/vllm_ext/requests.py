@@ -21,6 +21,7 @@ from typing import Any
 from vllm.exceptions import VLLMValidationError
 
 from ..budget import VISUAL_KEEP_FIELD, validate_visual_keep
+from . import kept_indices
 from .observability import note_rendered
 
 
@@ -97,7 +98,12 @@ def _route_online(preprocess):
     @functools.wraps(preprocess)
     async def wrapper(self, request, *args, **kwargs):
         keep = request_visual_keep(request)
-        if keep is not None:
+        try:
+            wants_kept = kept_indices.requested(getattr(request, "model_extra", None) or {},
+                                                bool(getattr(request, "stream", False)))
+        except ValueError as exc:
+            raise VLLMValidationError(str(exc), parameter=kept_indices.FIELD) from None
+        if keep is not None or wants_kept:
             _check_model_supported(self.model_config)
             current = getattr(request, "mm_processor_kwargs", None) or {}
             request.mm_processor_kwargs = {**current, VISUAL_KEEP_FIELD: keep}
@@ -105,7 +111,7 @@ def _route_online(preprocess):
         # preprocess_chat returns (conversation, engine_inputs), preprocess_cmpl engine_inputs.
         engine_inputs = result[1] if isinstance(result, tuple) else result
         if isinstance(engine_inputs, list):
-            note_rendered(engine_inputs, _served_model_name(self.model_config))
+            note_rendered(engine_inputs, _served_model_name(self.model_config), wants_kept)
         return result
 
     wrapper.__pio_fvlm__ = True

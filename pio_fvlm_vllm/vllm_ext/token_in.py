@@ -14,6 +14,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .context import CONTEXT_FIELD, PromptContext, image_contexts
 from .families import model_prunes
+from .kept_indices import image_key
 
 
 def token_in_context_problem(token_ids: list[int], features, image_token_id: int, num_image_tokens) -> str | None:
@@ -51,6 +52,9 @@ def token_in_context_problem(token_ids: list[int], features, image_token_id: int
             return f"{where} hands off {ctx.handoff_rows} rows"
         if i >= len(around) or (ctx.prefix_ids, ctx.suffix_ids) != around[i]:
             return f"{where} does not match the prompt's text around the image"
+        hashes = (getattr(features, "mm_hashes", None) or {}).get("image", [])
+        if i >= len(hashes) or ctx.image_key != image_key(hashes[i]):
+            return f"{where} names another image than its multimodal hash"
     return None
 
 

@@ -185,3 +185,32 @@ def test_every_metric_the_grafana_dashboard_reads_is_served(client, model, serve
               for line in text.splitlines() if line and not line.startswith("#")}
     missing = sorted(n for n in dashboard_metric_names() if n not in served)
     assert not missing, missing
+
+
+def test_kept_indices_are_returned_when_asked(server, model):
+    """`pio_fvlm_kept_indices: true` returns, per image, the indices its prefill kept; a cached
+    repeat (no selection runs) returns the same; unpruned images report null."""
+    msgs = messages(QUESTION_B, seed=90, count=2)
+    body = {"model": model, "messages": msgs, "max_tokens": 1, "visual_keep": 0.111, "pio_fvlm_kept_indices": True}
+    status, payload, headers = post_chat(server, body)
+    assert status == 200, payload
+    report = payload["pio_fvlm"]
+    k = budget(N, 0.111)
+    assert report["image_tokens"] == [N, N]
+    for kept in report["kept_indices"]:
+        assert len(kept) == k and kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] < N
+    assert report["kept_indices"][0] != report["kept_indices"][1]  # two images, two selections
+    assert headers[HEADER] == f"{2 * k}/{2 * N}"
+    again = post_chat(server, body)[1]["pio_fvlm"]
+    assert again == report
+    full = post_chat(server, {**body, "visual_keep": 1.0})[1]["pio_fvlm"]
+    assert full == {"kept_indices": [None, None], "image_tokens": [None, None]}
+    plain = post_chat(server, {k: v for k, v in body.items() if k != "pio_fvlm_kept_indices"})[1]
+    assert "pio_fvlm" not in plain
+
+
+@pytest.mark.parametrize("extra", [{"pio_fvlm_kept_indices": 1}, {"pio_fvlm_kept_indices": True, "stream": True}])
+def test_kept_indices_request_errors_name_the_field(server, model, extra):
+    body = {"model": model, "messages": messages(seed=91), "max_tokens": 1, "visual_keep": 0.2, **extra}
+    status, payload, _ = post_chat(server, body)
+    assert status == 400 and "pio_fvlm_kept_indices" in json.dumps(payload), payload
