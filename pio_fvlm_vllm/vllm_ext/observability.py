@@ -1,4 +1,5 @@
-"""Per-request image-token accounting, returned to the client as a response header.
+"""Per-request image-token accounting: the response header, the served-image metrics and the
+opt-in kept indices in the response body (`kept_indices.py`).
 
 `x-pio-fvlm-image-tokens: KEPT/TOTAL` is set on every OpenAI response whose prompt holds
 images: KEPT image tokens were prefilled and cached out of TOTAL the image(s) produce.
@@ -12,7 +13,11 @@ from __future__ import annotations
 import contextvars
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vllm.multimodal.inputs import PlaceholderRange
 
 HEADER = "x-pio-fvlm-image-tokens"
 
@@ -46,17 +51,21 @@ class _TotalsByHash:
 IMAGE_TOTALS = _TotalsByHash()
 
 
+def _images(engine_inputs: Iterable[dict]) -> Iterator[tuple[PlaceholderRange, str | None]]:
+    """(placeholder, multimodal hash) of every image in a request's rendered prompts."""
+    for engine_input in engine_inputs:
+        if isinstance(engine_input, dict):
+            placeholders = (engine_input.get("mm_placeholders") or {}).get("image", [])
+            hashes = (engine_input.get("mm_hashes") or {}).get("image", [None] * len(placeholders))
+            yield from zip(placeholders, hashes)
+
+
 def per_image_counts(engine_inputs: Iterable[dict]) -> list[tuple[int, int]]:
     """(kept, total) image tokens of every image in a request's rendered prompts."""
     counts = []
-    for engine_input in engine_inputs:
-        if not isinstance(engine_input, dict):
-            continue
-        placeholders = (engine_input.get("mm_placeholders") or {}).get("image", [])
-        hashes = (engine_input.get("mm_hashes") or {}).get("image", [None] * len(placeholders))
-        for placeholder, mm_hash in zip(placeholders, hashes):
-            known = IMAGE_TOTALS.get(mm_hash) if mm_hash is not None else None
-            counts.append(known or (placeholder.length, placeholder.length))
+    for placeholder, mm_hash in _images(engine_inputs):
+        known = IMAGE_TOTALS.get(mm_hash) if mm_hash is not None else None
+        counts.append(known or (placeholder.length, placeholder.length))
     return counts
 
 
@@ -115,15 +124,6 @@ def served_image_metrics() -> ServedImageMetrics:
         return _served
 
 
-def _image_hashes(engine_inputs: Iterable[dict]) -> list[str | None]:
-    hashes = []
-    for engine_input in engine_inputs:
-        if isinstance(engine_input, dict):
-            placeholders = (engine_input.get("mm_placeholders") or {}).get("image", [])
-            hashes += list((engine_input.get("mm_hashes") or {}).get("image", [None] * len(placeholders)))
-    return hashes
-
-
 def note_rendered(engine_inputs: Iterable[dict], model_name: str | None = None, wants_kept: bool = False) -> None:
     engine_inputs = list(engine_inputs)
     images = per_image_counts(engine_inputs)
@@ -133,7 +133,7 @@ def note_rendered(engine_inputs: Iterable[dict], model_name: str | None = None, 
     if holder is None:
         return
     if wants_kept:
-        holder.setdefault("kept_hashes", []).extend(_image_hashes(engine_inputs))
+        holder.setdefault("kept_hashes", []).extend(h for _, h in _images(engine_inputs))
     counts = image_token_counts(engine_inputs)
     if counts is not None:
         # A batch request renders each conversation in turn: the header sums them.
