@@ -5,6 +5,8 @@
     python -m pio_fvlm_vllm.checkpoints 7b-shape checkpoints/7b-shape      # config only
     python -m pio_fvlm_vllm.checkpoints tiny-llava-1.5 checkpoints/tiny-llava-1.5
     python -m pio_fvlm_vllm.checkpoints 7b-shape-llava-1.5 checkpoints/7b-shape-llava-1.5
+    python -m pio_fvlm_vllm.checkpoints tiny-qwen2.5-vl checkpoints/tiny-qwen2.5-vl   # see checkpoints_qwen.py
+    python -m pio_fvlm_vllm.checkpoints 7b-shape-qwen2.5-vl checkpoints/7b-shape-qwen2.5-vl
 
 A directory holds config.json, generation_config.json, model.safetensors (keys as in
 llava-hf/llava-v1.6-vicuna-7b-hf and llava-hf/llava-1.5-7b-hf: `language_model.model.*`,
@@ -110,6 +112,26 @@ PRESETS: dict[str, Preset] = {
         description="llava-1.5-7b-hf config, no weights (use --load-format dummy)",
     ),
 }
+
+
+@dataclass(frozen=True)
+class QwenPreset:
+    shape: object  # checkpoints_qwen.QwenShape
+    write_weights: bool
+    description: str
+
+
+def _qwen_presets() -> dict[str, QwenPreset]:
+    from . import checkpoints_qwen as q
+
+    return {
+        "tiny-qwen2.5-vl": QwenPreset(q.TINY, True, "Qwen2.5-VL, random, seconds to build, for tests"),
+        "7b-shape-qwen2.5-vl": QwenPreset(q.SEVEN_B, False, "Qwen2.5-VL-7B-Instruct shapes, no weights (use "
+                                          "--load-format dummy; token ids are the small tokenizer's)"),
+    }
+
+
+QWEN_PRESET_NAMES = ("tiny-qwen2.5-vl", "7b-shape-qwen2.5-vl")
 
 
 def _log(msg: str) -> None:
@@ -229,8 +251,10 @@ def build(preset_name: str, out: Path, *, seed: int = 0, dtype: str = "float32",
     import torch
     from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
+    if preset_name in QWEN_PRESET_NAMES:
+        return _build_qwen(preset_name, out, seed=seed, dtype=dtype, weights=weights)
     if preset_name not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset_name!r}")
+        raise ValueError(f"preset must be one of {sorted([*PRESETS, *QWEN_PRESET_NAMES])}, got {preset_name!r}")
     preset = PRESETS[preset_name]
     start = time.perf_counter()
     _log(f"building {preset_name!r} ({preset.description}) in {out}")
@@ -249,10 +273,25 @@ def build(preset_name: str, out: Path, *, seed: int = 0, dtype: str = "float32",
     return out
 
 
+def _build_qwen(preset_name: str, out: Path, *, seed: int, dtype: str, weights: bool) -> Path:
+    from .checkpoints_qwen import build as build_qwen
+
+    preset = _qwen_presets()[preset_name]
+    start = time.perf_counter()
+    _log(f"building {preset_name!r} ({preset.description}) in {out}")
+    count = build_qwen(preset.shape, out, seed=seed, dtype=dtype, weights=preset.write_weights and weights)
+    if count:
+        _log(f"{count / 1e6:.1f}M random parameters")
+    (out / "README.md").write_text(f"# {preset_name}\n\nBuilt by `python -m pio_fvlm_vllm.checkpoints {preset_name} "
+                                   f"DIR` (seed {seed}): {preset.description}.\n")
+    _log(f"written ({time.perf_counter() - start:.1f}s)")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pio_fvlm_vllm.checkpoints", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("preset", choices=sorted(PRESETS))
+    parser.add_argument("preset", choices=sorted([*PRESETS, *QWEN_PRESET_NAMES]))
     parser.add_argument("out", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")

@@ -68,6 +68,25 @@ def test_7b_shape_llava_1_5_checkpoint_matches_llava_1_5_7b_hf(tmp_path):
     assert not list((tmp_path / "7b").glob("*.safetensors"))
 
 
+def test_7b_shape_qwen2_5_vl_checkpoint_matches_qwen2_5_vl_7b_instruct(tmp_path):
+    subprocess.run([sys.executable, "-m", "pio_fvlm_vllm.checkpoints", "7b-shape-qwen2.5-vl", str(tmp_path / "q")],
+                   check=True, cwd=ROOT, capture_output=True)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    vision = config["vision_config"]
+    assert (config["architectures"], config["model_type"]) == (["Qwen2_5_VLForConditionalGeneration"], "qwen2_5_vl")
+    assert (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"], config["vocab_size"],
+            config["num_attention_heads"], config["num_key_value_heads"]) == (3584, 28, 18944, 152064, 28, 4)
+    assert config["rope_scaling"] == {"type": "mrope", "mrope_section": [16, 24, 24]}
+    assert (vision["depth"], vision["hidden_size"], vision["out_hidden_size"], vision["fullatt_block_indexes"]) == \
+        (32, 1280, 3584, [7, 15, 23, 31])
+    assert config["tie_word_embeddings"] is False
+    template = json.loads((tmp_path / "q" / "chat_template.json").read_text())["chat_template"]
+    assert "<|vision_start|><|image_pad|><|vision_end|>" in template
+    tokenizer_config = json.loads((tmp_path / "q" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "Qwen2Tokenizer" and "chat_template" not in tokenizer_config
+    assert not list((tmp_path / "q").glob("*.safetensors"))
+
+
 def test_tiny_llava_1_5_weights_use_the_published_key_names(tmp_path):
     from safetensors import safe_open
 
