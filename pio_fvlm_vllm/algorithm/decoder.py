@@ -24,6 +24,9 @@ class DecoderShape:
     head_dim: int
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Multimodal rotary (Qwen2-VL, Qwen2.5-VL): the head_dim / 2 frequencies in sections read
+    # positions (temporal, height, width); None: plain 1-D rotary.
+    mrope_section: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -90,11 +93,24 @@ def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor
 
 
 def rotary_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+    mrope_section: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions: (B, L) -> cos, sin: (B, 1, L, Dh) in the rotate-half (neox) layout."""
+    """positions: (B, L), or (B, 3, L) with `mrope_section` -> cos, sin: (B, 1, L, Dh) in the
+    rotate-half (neox) layout.
+
+    Multimodal rotary: every position row gives its own angles, and frequency section i (of
+    `mrope_section`, repeated for both halves) takes them from row i % 3, as Qwen2-VL does.
+    """
     freqs = positions.float()[..., None] * _inv_freq(head_dim, theta, positions.device)
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, L, Dh) or (B, 3, L, Dh)
+    if mrope_section is not None:
+        if positions.ndim != 3 or 2 * sum(mrope_section) != head_dim:
+            raise ValueError(f"multimodal rotary needs (B, 3, L) positions and sections summing to "
+                             f"head_dim / 2 = {head_dim // 2}, got {tuple(positions.shape)} and {mrope_section}")
+        chunks = emb.split(list(mrope_section) * 2, dim=-1)
+        emb = torch.cat([chunk[:, i % 3] for i, chunk in enumerate(chunks)], dim=-1)
+    emb = emb[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

@@ -47,6 +47,24 @@ class ImageContext:
     image_embeds: torch.Tensor  # (N, D)
     prefix_embeds: torch.Tensor  # (P, D) prompt text before the image
     suffix_embeds: torch.Tensor  # (S, D) prompt text after the image, ends at the last prompt token
+    # (t, h, w) with t * h * w = N: the image's token grid, for multimodal rotary positions.
+    grid: tuple[int, int, int] | None = None
+
+    def mrope_positions(self) -> torch.Tensor:
+        """(3, L) multimodal rotary positions of [prefix, image, suffix], as Qwen2-VL numbers
+        them: text advances all three rows together, the image's tokens sit at their
+        (t, h, w) cell offset by the prefix, and the suffix continues after the largest."""
+        if self.grid is None or self.grid[0] * self.grid[1] * self.grid[2] != self.num_image_tokens:
+            raise ValueError(f"an image of {self.num_image_tokens} tokens needs its (t, h, w) grid for "
+                             f"multimodal rotary positions, got {self.grid}")
+        device = self.image_embeds.device
+        num_prefix, num_suffix = self.prefix_embeds.shape[0], self.suffix_embeds.shape[0]
+        t, h, w = self.grid
+        cells = torch.stack(torch.meshgrid(torch.arange(t, device=device), torch.arange(h, device=device),
+                                           torch.arange(w, device=device), indexing="ij")).reshape(3, -1)
+        after = num_prefix + max(t, h, w)
+        return torch.cat([torch.arange(num_prefix, device=device).expand(3, -1), num_prefix + cells,
+                          (after + torch.arange(num_suffix, device=device)).expand(3, -1)], dim=1)
 
     @property
     def num_image_tokens(self) -> int:
@@ -76,6 +94,19 @@ def _pack(contexts: list[ImageContext], dtype: torch.dtype) -> tuple[torch.Tenso
     for b, c in enumerate(contexts):
         x[b, : c.length] = torch.cat([c.prefix_embeds, c.image_embeds, c.suffix_embeds]).to(dtype)
     return x, lengths
+
+
+def _positions(contexts: list[ImageContext], seq: int, multimodal: bool) -> torch.Tensor:
+    """(B, seq), or (B, 3, seq) for multimodal rotary; padding rows continue the count."""
+    device = contexts[0].image_embeds.device
+    if not multimodal:
+        return torch.arange(seq, device=device).expand(len(contexts), seq)
+    rows = torch.empty(len(contexts), 3, seq, dtype=torch.long, device=device)
+    for b, c in enumerate(contexts):
+        own = c.mrope_positions()
+        rows[b, :, : c.length] = own
+        rows[b, :, c.length :] = own[:, -1:] + 1 + torch.arange(seq - c.length, device=device)
+    return rows
 
 
 def proxy_loss(
@@ -127,8 +158,8 @@ def gradient_saliency(
     with torch.inference_mode(False), torch.enable_grad():
         x, lengths = _pack(contexts, dtype)
         bsz, seq, _ = x.shape
-        positions = torch.arange(seq, device=x.device).expand(bsz, seq)
-        cos, sin = rotary_cos_sin(positions, shape.head_dim, shape.rope_theta, dtype)
+        cos, sin = rotary_cos_sin(_positions(contexts, seq, shape.mrope_section is not None), shape.head_dim,
+                                  shape.rope_theta, dtype, shape.mrope_section)
         first_grad_layer = num_layers - backprop_layers
         with torch.no_grad():
             for i, w in enumerate(weights.layers[:first_grad_layer]):

@@ -20,6 +20,14 @@ def _rope_theta(text_config) -> float:
     return float(theta or getattr(text_config, "rope_theta", None) or 10000.0)
 
 
+def _mrope_section(text_config) -> tuple[int, ...] | None:
+    """The language model's multimodal rotary sections (Qwen2-VL family), None for plain rotary."""
+    for params in (getattr(text_config, "rope_parameters", None), getattr(text_config, "rope_scaling", None)):
+        if isinstance(params, dict) and params.get("mrope_section"):
+            return tuple(int(s) for s in params["mrope_section"])
+    return None
+
+
 def decoder_shape(text_config) -> DecoderShape:
     heads = text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
@@ -30,6 +38,7 @@ def decoder_shape(text_config) -> DecoderShape:
         head_dim=head_dim,
         rms_norm_eps=getattr(text_config, "rms_norm_eps", 1e-5),
         rope_theta=_rope_theta(text_config),
+        mrope_section=_mrope_section(text_config),
     )
 
 
@@ -57,7 +66,7 @@ def snapshot_proxy_weights(
     shape = decoder_shape(text_config)
     first_attn = language_model.model.layers[0].self_attn
     shape = DecoderShape(shape.hidden_size, first_attn.num_heads, first_attn.num_kv_heads,
-                         first_attn.head_dim, shape.rms_norm_eps, shape.rope_theta)
+                         first_attn.head_dim, shape.rms_norm_eps, shape.rope_theta, shape.mrope_section)
     q_size = shape.num_heads * shape.head_dim
     kv_size = shape.num_kv_heads * shape.head_dim
     layers = []
