@@ -65,3 +65,49 @@ def decode_digits(digits: torch.Tensor) -> torch.Tensor:
     """(R, NUM_DIGITS) digits in any float dtype -> (R,) int64."""
     powers = DIGIT_BASE ** torch.arange(NUM_DIGITS - 1, -1, -1, device=digits.device)
     return (digits.round().long() * powers).sum(-1)
+
+
+@dataclass(frozen=True)
+class GridSpan:
+    """An image of a multimodal-rotary (Qwen2-VL family) prompt."""
+
+    offset: int  # served index of the image's first placeholder
+    num_served: int  # placeholders in the served prompt (k, or N when unpruned)
+    grid: tuple[int, int, int]  # (t, h, w) token grid of the unpruned image, t * h * w = N
+
+
+def mrope_layout(served_len: int, spans: Sequence[GridSpan]) -> tuple[torch.Tensor, list[int], int]:
+    """Multimodal rotary positions of a served prompt as the unpruned prompt numbers them.
+
+    Returns (3, served_len) positions, each image's base (the position of its first cell; cell
+    (t, h, w) sits at base + (t, h, w)), and the decode delta. Text advances all three rows
+    together from one past the largest position before it, as Qwen2-VL numbers prompts, so
+    every text token and every image base is what the unpruned prompt gives it: they depend
+    on the images' grids, not on which of their tokens are kept. A pruned image's served rows
+    get its first cells here, provisionally (its kept cells replace them after selection).
+    """
+    pieces, bases = [], []
+    start, next_position = 0, 0
+    for span in sorted(spans, key=lambda s: s.offset):
+        t, h, w = span.grid
+        if not 0 <= start <= span.offset or span.num_served > t * h * w:
+            raise ValueError(f"image span {span} overlaps the one before or has more rows than cells")
+        text = span.offset - start
+        pieces.append(torch.arange(text).expand(3, -1) + next_position)
+        base = next_position + text
+        bases.append(base)
+        cells = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))
+        pieces.append(cells.reshape(3, -1)[:, : span.num_served] + base)
+        next_position = base + max(t, h, w)
+        start = span.offset + span.num_served
+    if start > served_len:
+        raise ValueError(f"image spans end at {start}, past a prompt of {served_len} tokens")
+    pieces.append(torch.arange(served_len - start).expand(3, -1) + next_position)
+    positions = torch.cat(pieces, dim=1).to(torch.int64)
+    return positions, bases, next_position + (served_len - start) - served_len
+
+
+def grid_cells(kept: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """(k,) indices among an image's t * h * w tokens -> (3, k) their (t, h, w) cells."""
+    _, h, w = grid
+    return torch.stack([kept // (h * w), (kept // w) % h, kept % w])

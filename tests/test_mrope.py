@@ -102,3 +102,53 @@ def test_the_proxy_shape_reads_the_sections_of_a_qwen_config_and_none_of_a_llama
 
     assert decoder_shape(_hf_text_config()).mrope_section == SECTION
     assert decoder_shape(LlamaConfig(hidden_size=64, num_attention_heads=4)).mrope_section is None
+
+
+def _stock_qwen_positions(num_tokens, images):
+    """vLLM's own Qwen2.5-VL `get_mrope_input_positions` for unpruned images [(offset, (t, H, W))]."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration as Qwen
+
+    features = [SimpleNamespace(mm_position=SimpleNamespace(offset=offset), modality="image",
+                                data={"image_grid_thw": SimpleNamespace(data=torch.tensor(thw))})
+                for offset, thw in images]
+    model = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(spatial_merge_size=2,
+                                                                                 tokens_per_second=2)))
+    model.iter_mm_grid_thw = lambda feats: Qwen.iter_mm_grid_thw(model, feats)
+    return Qwen.get_mrope_input_positions(model, list(range(num_tokens)), features)
+
+
+def test_layout_equals_vllms_qwen_positions_unpruned_and_keeps_them_when_pruned():
+    from pio_fvlm_vllm.positions import GridSpan, mrope_layout
+
+    length = 5 + 24 + 3 + 30 + 7
+    stock, stock_delta = _stock_qwen_positions(length, [(5, (1, 8, 12)), (32, (1, 20, 6))])
+    ours, bases, delta = mrope_layout(length, [GridSpan(5, 24, (1, 4, 6)), GridSpan(32, 30, (1, 10, 3))])
+    assert torch.equal(ours, stock) and delta == stock_delta and bases == [5, 14]
+    # The first image keeps 5 of its 24 tokens: every text token keeps its position, the
+    # second image its base, and decode continues where the unpruned prompt's would.
+    pruned, pruned_bases, pruned_delta = mrope_layout(length - 19, [GridSpan(5, 5, (1, 4, 6)),
+                                                                    GridSpan(13, 30, (1, 10, 3))])
+    served = torch.cat([torch.arange(5), torch.arange(5, 10), torch.arange(29, length)])
+    text = torch.cat([torch.arange(5), torch.arange(10, length - 19)])
+    assert torch.equal(pruned[:, text], stock[:, served[text]])
+    assert pruned_bases == bases and (length - 19) + pruned_delta == length + stock_delta
+
+
+def test_hook_rows_carry_kept_cells_and_recompute_restores_them_in_any_dtype():
+    from pio_fvlm_vllm.positions import GridSpan, mrope_layout
+    from pio_fvlm_vllm.vllm_ext.context import PromptContext
+    from pio_fvlm_vllm.vllm_ext.families.qwen2_5_vl import MultimodalRotaryHook
+
+    grid, kept = (1, 4, 6), torch.tensor([0, 7, 23])
+    positions, bases, _ = mrope_layout(20, [GridSpan(5, 3, grid)])
+    ctx = PromptContext(3, 24, 5, bases[0], -1, [1] * 5, [2] * 12)
+    hook = MultimodalRotaryHook(hidden_size=8, merge_size=2)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        rows = hook.rows(torch.zeros(3, 8, dtype=dtype), kept, ctx, None, grid)
+        (stripped,), fixed, delta = hook.recompute([rows], positions)
+        assert stripped.shape == (3, 8)
+        assert fixed[:, 5:8].tolist() == [[5, 5, 5], [5, 6, 8], [5, 6, 10]]  # base + (t, h, w) cells
+        assert torch.equal(fixed[:, :5], positions[:, :5]) and torch.equal(fixed[:, 8:], positions[:, 8:])
+        assert delta == int(positions.max()) + 1 - 20

@@ -27,7 +27,9 @@ class PromptContext:
     num_keep: int  # KEEP_ALL: stock behaviour
     num_tokens: int  # N, the image's tokens in the unpruned prompt
     served_offset: int  # index of the image's first placeholder in the served prompt
-    original_offset: int  # index of the image's first token in the unpruned prompt
+    # Position of the image's first token in the unpruned prompt: its index there (plain
+    # rotary), or its base cell (multimodal rotary: cell (t, h, w) sits at base + (t, h, w)).
+    original_offset: int
     handoff_rows: int  # text rows after the image that take over the proxy's states; NO_HANDOFF
     prefix_ids: list[int]
     suffix_ids: list[int]

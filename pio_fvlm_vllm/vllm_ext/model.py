@@ -30,7 +30,7 @@ from .engine_config import missing_engine_config
 from .families import model_prunes
 from .handoff import HandoffBuffers
 from .kept_indices import KEPT_STORE
-from .positions_hook import PositionsHook, initial_positions, served_rows
+from .positions_hook import PositionsHook
 from .stats import SELECTION_STATS
 
 logger = init_logger("vllm.pio_fvlm")
@@ -100,8 +100,13 @@ class PioFvlmModel:
             )
             layer = self.language_model.model.layers[self.pio_handoff_layer - 1]
             layer.register_forward_hook(self.pio_handoff.after_layer)
-        self.pio_positions = PositionsHook(text_config.hidden_size, self.pio_handoff)
-        self._extend_rotary_table(text_config.max_position_embeddings + vllm_config.model_config.max_model_len)
+        self.pio_positions = self._positions_hook(text_config)
+        if self.pio_positions.decode_runs_ahead:
+            self._extend_rotary_table(text_config.max_position_embeddings + vllm_config.model_config.max_model_len)
+
+    def _positions_hook(self, text_config):
+        """The family's positions scheme (default: plain rotary behind emulated M-RoPE rows)."""
+        return PositionsHook(text_config.hidden_size, self.pio_handoff)
 
     def _extend_rotary_table(self, num_positions: int) -> None:
         """Decode positions run Σ(N - k) ahead of the served length, past max_model_len: give
@@ -125,7 +130,7 @@ class PioFvlmModel:
 
     # -- positions (vLLM's M-RoPE pruning hook, see positions_hook.py) ---------------------
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list) -> tuple[torch.Tensor, int]:
-        return initial_positions(len(input_tokens), mm_features)
+        return self.pio_positions.initial(input_tokens, mm_features)
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings: Sequence[torch.Tensor],
                                   mrope_positions: torch.Tensor, num_computed_tokens: int):
@@ -133,10 +138,8 @@ class PioFvlmModel:
 
     def forward(self, input_ids, positions: torch.Tensor, intermediate_tensors=None, inputs_embeds=None,
                 **kwargs):
-        if positions.ndim == 2:  # 3-row positions: row 0 is the position, row 1 hand-off marks
-            if self.pio_handoff is not None:
-                self.pio_handoff.load(positions[1])
-            positions = positions[0]
+        if self.pio_enabled:
+            positions = self.pio_positions.language_model_positions(positions)
         try:
             return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds=inputs_embeds,
                                    **kwargs)
@@ -166,15 +169,21 @@ class PioFvlmModel:
 
     def embed_multimodal(self, **kwargs: object):
         packed = kwargs.pop(CONTEXT_FIELD, None)
+        grids = self._image_grids(kwargs)
         embeddings = super().embed_multimodal(**kwargs)
         if packed is None or len(embeddings) == 0:
             return embeddings
         contexts = [PromptContext.unpack(p) for p in _as_list(packed)]
         if len(contexts) != len(embeddings):
             raise RuntimeError(f"{len(contexts)} PIO-FVLM contexts for {len(embeddings)} images")
-        return self._select(list(embeddings), contexts)
+        return self._select(list(embeddings), contexts, grids or [None] * len(contexts))
 
-    def _select(self, embeddings: list[torch.Tensor], contexts: list[PromptContext]) -> list[torch.Tensor]:
+    def _image_grids(self, kwargs: dict) -> list[tuple[int, int, int]] | None:
+        """Each image's (t, h, w) token grid, for families with multimodal rotary positions."""
+        return None
+
+    def _select(self, embeddings: list[torch.Tensor], contexts: list[PromptContext],
+                grids: list[tuple[int, int, int] | None]) -> list[torch.Tensor]:
         todo = [i for i, c in enumerate(contexts) if c.pruned and c.num_keep < embeddings[i].shape[0]]
         for i, c in enumerate(contexts):
             n = embeddings[i].shape[0]
@@ -184,7 +193,8 @@ class PioFvlmModel:
         if not todo:
             return embeddings
         start = time.perf_counter()
-        selection, failed = self._kept_indices([embeddings[i] for i in todo], [contexts[i] for i in todo])
+        selection, failed = self._kept_indices([embeddings[i] for i in todo], [contexts[i] for i in todo],
+                                               [grids[i] for i in todo])
         seen = [embeddings[i].shape[0] for i in todo]
         for j, i in enumerate(todo):
             ctx, kept = contexts[i], selection.kept[j].to(embeddings[i].device)
@@ -193,12 +203,13 @@ class PioFvlmModel:
             if ctx.handoff_rows > 0:
                 text = self._embed_text(ctx.suffix_ids[: ctx.handoff_rows], embeds.device)
                 embeds = torch.cat([embeds, text.to(embeds.dtype)])
-            embeddings[i] = served_rows(embeds, kept, ctx, selection.handoff_states[j])
+            embeddings[i] = self.pio_positions.rows(embeds, kept, ctx, selection.handoff_states[j], grids[i])
         SELECTION_STATS.record(seen, [idx.numel() for idx in selection.kept], time.perf_counter() - start,
                                failed)
         return embeddings
 
-    def _kept_indices(self, images: list[torch.Tensor], contexts: list[PromptContext]) -> tuple[Selection, bool]:
+    def _kept_indices(self, images: list[torch.Tensor], contexts: list[PromptContext],
+                      grids: list[tuple[int, int, int] | None]) -> tuple[Selection, bool]:
         """Kept indices (and hand-off states) per image, and whether any image's selection failed.
 
         A failure must not cost the other requests of the batch: the batch is retried one
@@ -216,7 +227,7 @@ class PioFvlmModel:
 
         def prepare() -> list[ImageContext]:
             _raise_if_injected(contexts)
-            return [self._image_context(img, c) for img, c in zip(images, contexts)]
+            return [self._image_context(img, c, g) for img, c, g in zip(images, contexts, grids)]
 
         if self.pio_proxy.tp_group is not None:
             # Every rank must serve the same tokens, and a rank failing alone must not leave the
@@ -231,7 +242,7 @@ class PioFvlmModel:
                 logger.error("PIO-FVLM selection failed on a tensor-parallel rank; every rank uses "
                              "uniform-stride selection for this batch")
             return selection, failed
-        image_contexts = [self._image_context(img, c) for img, c in zip(images, contexts)]
+        image_contexts = [self._image_context(img, c, g) for img, c, g in zip(images, contexts, grids)]
         try:
             return self._run_selection(image_contexts, budgets, contexts), False
         except Exception:
@@ -268,9 +279,10 @@ class PioFvlmModel:
     def _handoff_layer_for(self, contexts: list[PromptContext]) -> int:
         return self.pio_handoff_layer if any(c.handoff for c in contexts) else 0
 
-    def _image_context(self, image: torch.Tensor, ctx: PromptContext) -> ImageContext:
+    def _image_context(self, image: torch.Tensor, ctx: PromptContext,
+                       grid: tuple[int, int, int] | None = None) -> ImageContext:
         return ImageContext(image_embeds=image, prefix_embeds=self._embed_text(ctx.prefix_ids, image.device),
-                            suffix_embeds=self._embed_text(ctx.suffix_ids, image.device))
+                            suffix_embeds=self._embed_text(ctx.suffix_ids, image.device), grid=grid)
 
     def _embed_text(self, ids: list[int], device: torch.device) -> torch.Tensor:
         tokens = torch.tensor(ids, dtype=torch.long, device=device)

@@ -73,11 +73,34 @@ def served_rows(embeds: torch.Tensor, kept: torch.Tensor, ctx: PromptContext, st
 
 
 class PositionsHook:
-    """`recompute_mrope_positions` for embeddings `hidden_size` wide plus trailing columns."""
+    """Original positions for a plain-rotary language model behind three emulated M-RoPE rows
+    (LLaVA families): `recompute_mrope_positions` for embeddings `hidden_size` wide plus
+    trailing columns, and what the model's other position seams need."""
+
+    # Decode positions run Σ(N - k) past the served length: the rotary table needs the rows.
+    decode_runs_ahead = True
 
     def __init__(self, hidden_size: int, handoff: HandoffBuffers | None) -> None:
         self.hidden_size = hidden_size
         self.handoff = handoff
+
+    @staticmethod
+    def initial(input_tokens: list[int], mm_features: Sequence) -> tuple[torch.Tensor, int]:
+        return initial_positions(len(input_tokens), mm_features)
+
+    @staticmethod
+    def rows(embeds: torch.Tensor, kept: torch.Tensor, ctx: PromptContext, states: torch.Tensor | None,
+             grid: tuple[int, int, int] | None = None) -> torch.Tensor:
+        return served_rows(embeds, kept, ctx, states)
+
+    def language_model_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """The forward's positions for the language model: row 0 of the three (row 1 carries
+        hand-off marks, loaded here)."""
+        if positions.ndim != 2:
+            return positions
+        if self.handoff is not None:
+            self.handoff.load(positions[1])
+        return positions[0]
 
     def recompute(self, embeddings: Sequence[torch.Tensor], positions: torch.Tensor
                   ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:

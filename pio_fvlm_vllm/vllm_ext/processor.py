@@ -117,19 +117,31 @@ class PioFvlmProcessor:
         depth = self.info.get_hf_config().text_config.num_hidden_layers
         return self.server_settings().handoff_layer_for(depth) > 0
 
+    def _image_token_id(self) -> int:
+        return self.info.get_hf_config().image_token_index
+
+    def _original_offsets(self, mm_items, placeholders: list, counts: list[int]) -> list[int]:
+        """Where each image's first token sits in the unpruned prompt (its position there)."""
+        offsets, dropped = [], 0
+        for placeholder, n in zip(placeholders, counts):
+            offsets.append(placeholder.offset + dropped)
+            dropped += n - placeholder.length
+        return offsets
+
     def _attach_contexts(self, result, inputs, prune: bool) -> None:
         items = result["mm_kwargs"].get("image", [])
         if not items:
             return
-        image_token_id = self.info.get_hf_config().image_token_index
-        around = image_contexts(list(inputs.prompt), image_token_id) if prune else None
+        around = image_contexts(list(inputs.prompt), self._image_token_id()) if prune else None
         placeholders = list(result["mm_placeholders"]["image"])
         hashes = result["mm_hashes"]["image"]
         served_len = len(result["prompt_token_ids"])
-        dropped = 0
-        for i, (item, placeholder) in enumerate(zip(items, placeholders)):
+        served_counts = [p.length for p in placeholders]
+        counts = [self._stock_num_tokens(inputs.mm_data_items, i) if prune else p.length
+                  for i, p in enumerate(placeholders)]
+        originals = self._original_offsets(inputs.mm_data_items, placeholders, counts)
+        for i, (item, placeholder, n) in enumerate(zip(items, placeholders, counts)):
             k = placeholder.length
-            n = self._stock_num_tokens(inputs.mm_data_items, i) if prune else k
             rows = NO_HANDOFF
             if prune and i == 0 and k < n and self._handoff_enabled():
                 # Only the first image: its proxy context is exactly the unpruned prompt up to
@@ -140,14 +152,13 @@ class PioFvlmProcessor:
                     placeholders[0] = PlaceholderRange(offset=placeholder.offset, length=k + rows)
             if prune:
                 IMAGE_TOTALS.put(hashes[i], k, n)
-            ctx = (PromptContext(k, n, placeholder.offset, placeholder.offset + dropped, rows, *around[i],
+            ctx = (PromptContext(k, n, placeholder.offset, originals[i], rows, *around[i],
                                  image_key=image_key(hashes[i]))
-                   if prune else PromptContext(KEEP_ALL, n, placeholder.offset, placeholder.offset + dropped, NO_HANDOFF, [], []))
-            dropped += n - k
+                   if prune else PromptContext(KEEP_ALL, n, placeholder.offset, originals[i], NO_HANDOFF, [], []))
             if item is not None:  # None: the engine already holds this item, context included
                 item[CONTEXT_FIELD] = MultiModalFieldElem(data=ctx.pack(), field=_CONTEXT_FIELD_TYPE)
         result["mm_placeholders"]["image"] = placeholders
-        self._check_unpruned_length(served_len + dropped)
+        self._check_unpruned_length(served_len + sum(n - k for n, k in zip(counts, served_counts)))
 
     def _check_unpruned_length(self, unpruned_len: int) -> None:
         """Kept tokens keep their unpruned positions, so the unpruned prompt must fit the

@@ -39,8 +39,8 @@ class Recorder:
         self._handles = [layers[0].register_forward_pre_hook(self._on_layer)]
         self._select = model._kept_indices
 
-        def kept_indices(images, contexts):
-            selection, failed = self._select(images, contexts)
+        def kept_indices(*args):
+            selection, failed = self._select(*args)
             self.kept += [k.clone() for k in selection.kept]
             return selection, failed
 

@@ -29,6 +29,8 @@ FAMILIES: dict[str, Family] = {
     "LlavaForConditionalGeneration": Family(
         "pio_fvlm_vllm.vllm_ext.families.llava:PioFvlmLlavaForConditionalGeneration",
         stock_vision_configs=("PixtralVisionConfig",)),
+    "Qwen2_5_VLForConditionalGeneration": Family(
+        "pio_fvlm_vllm.vllm_ext.families.qwen2_5_vl:PioFvlmQwen2_5_VLForConditionalGeneration"),
 }
 
 

@@ -1,0 +1,216 @@
+"""Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`, native multimodal rotary) pruned per
+request: a real `vllm serve` with the plugin beside a stock one, and the engine in-process to
+read the positions every decoder layer sees."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from pio_fvlm_vllm.budget import budget
+from pio_fvlm_vllm.images import image_message, synthetic_image
+from pio_fvlm_vllm.serving import VllmServer
+
+from .helpers import QUESTION_A, QUESTION_B, chat, environment, messages, post_chat, token_logprobs
+
+HEADER = "x-pio-fvlm-image-tokens"
+ARGS = ["--dtype", "float32", "--max-model-len", "4096", "--enforce-eager", "--generation-config", "vllm",
+        "--max-num-batched-tokens", "256", "--seed", "0"]
+CACHES = ("/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from pio_fvlm_vllm.checkpoints import build
+
+    return build("tiny-qwen2.5-vl", tmp_path_factory.mktemp("ckpt") / "tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "qwen.log"
+    with VllmServer(checkpoint, args=ARGS, log_path=log, env={"VLLM_SERVER_DEV_MODE": "1"}) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def stock_server(checkpoint, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "qwen-stock.log"
+    with VllmServer(checkpoint, plugin=False, args=ARGS, log_path=log) as srv:
+        yield srv
+
+
+def _client(srv):
+    from openai import OpenAI
+
+    return OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return _client(server)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return str(checkpoint)
+
+
+def _counts(client, model, msgs, keep=None):
+    raw = chat(client, model, msgs, keep, raw=True)
+    kept, total = map(int, raw.headers[HEADER].split("/"))
+    return raw.parse().usage.prompt_tokens, kept, total
+
+
+def test_the_checkpoint_is_served_as_its_processor_counts_it(client, model, checkpoint):
+    from transformers import AutoProcessor
+
+    reply = chat(client, model, messages(QUESTION_A, seed=3, size=(640, 480)), max_tokens=2)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    hf_messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION_A}]}]
+    text = processor.apply_chat_template(hf_messages, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[synthetic_image(640, 480, seed=3)], return_tensors="pt")
+    assert reply.usage.prompt_tokens == inputs["input_ids"].shape[1] > 300
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.111, 0.05])
+def test_prompt_tokens_and_header_shrink_to_the_budget(client, model, keep):
+    msgs = messages(seed=1, size=(640, 480))
+    full_tokens, kept_all, total = _counts(client, model, msgs)
+    assert kept_all == total > 300
+    tokens, kept, total_again = _counts(client, model, msgs, keep)
+    assert (kept, total_again) == (budget(total, keep), total)
+    assert tokens == full_tokens - total + kept
+
+
+def test_two_images_of_different_sizes_are_pruned_each_to_its_budget(client, model, server):
+    msgs = image_message(QUESTION_A, synthetic_image(640, 480, seed=5), synthetic_image(300, 600, seed=6))
+    full, kept_all, total = _counts(client, model, msgs)
+    body = {"model": model, "messages": msgs, "max_tokens": 1, "visual_keep": 0.25, "pio_fvlm_kept_indices": True}
+    status, payload, headers = post_chat(server, body)
+    assert status == 200, payload
+    sizes = payload["pio_fvlm"]["image_tokens"]
+    assert sum(sizes) == total and len(set(sizes)) == 2
+    assert [len(k) for k in payload["pio_fvlm"]["kept_indices"]] == [budget(n, 0.25) for n in sizes]
+    assert payload["usage"]["prompt_tokens"] == full - total + sum(budget(n, 0.25) for n in sizes)
+
+
+def test_question_b_after_a_equals_b_alone(client, model, server):
+    import urllib.request
+
+    def reset():
+        for path in CACHES:
+            urllib.request.urlopen(urllib.request.Request(server.base_url + path, method="POST"), timeout=60).close()
+
+    seed, keep = 30, 0.2
+    reset()
+    alone = token_logprobs(chat(client, model, messages(QUESTION_B, seed=seed), keep, logprobs=True))
+    reset()
+    chat(client, model, messages(QUESTION_A, seed=seed), keep, max_tokens=2)
+    after_a = token_logprobs(chat(client, model, messages(QUESTION_B, seed=seed), keep, logprobs=True))
+    assert [t for t, _ in after_a] == [t for t, _ in alone]
+    assert max(abs(x - y) for (_, x), (_, y) in zip(after_a, alone)) <= 1e-3
+    other = token_logprobs(chat(client, model, messages(QUESTION_B, seed=seed), 0.6, logprobs=True))
+    assert max(abs(x - y) for (_, x), (_, y) in zip(other, alone)) > 1e-3
+
+
+@pytest.mark.parametrize("bad", ["0", "1.5", '"0.5"', "true"])
+def test_invalid_visual_keep_is_a_400_and_the_server_keeps_serving(server, model, client, bad):
+    body = json.dumps({"model": model, "messages": messages(seed=50), "max_tokens": 2})
+    status, payload, _ = post_chat(server, body[:-1] + f', "visual_keep": {bad}}}')
+    assert status == 400 and "visual_keep" in json.dumps(payload), payload
+    assert chat(client, model, messages(seed=50), 0.3, max_tokens=1).usage.prompt_tokens > 0
+
+
+def test_keep_one_and_no_keep_are_bit_identical_to_stock_vllm(client, model, stock_server):
+    stock = _client(stock_server)
+    msgs = messages(QUESTION_A, seed=60, size=(500, 375))
+    theirs = chat(stock, model, msgs, None, logprobs=True, max_tokens=8, extra={"cache_salt": "stock"})
+    for keep, salt in ((1.0, "keep-one"), (None, "silent")):
+        ours = chat(client, model, msgs, keep, logprobs=True, max_tokens=8, extra={"cache_salt": salt})
+        assert ours.usage.prompt_tokens == theirs.usage.prompt_tokens
+        assert token_logprobs(ours) == token_logprobs(theirs)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM
+
+    with environment(VLLM_ENABLE_V1_MULTIPROCESSING="0"):
+        llm = LLM(model=str(checkpoint), dtype="float32", max_model_len=4096, seed=0, enforce_eager=True,
+                  max_num_batched_tokens=128, generation_config="vllm")
+        yield llm
+        del llm
+
+
+def test_kept_tokens_and_the_text_after_keep_their_unpruned_3d_positions(engine):
+    """In every prefill chunk and at decode, layer 0 sees the positions the unpruned prompt
+    gives each served token: kept image tokens their (t, h, w) cells, text its own."""
+    from vllm import SamplingParams
+
+    model = engine.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    seen, kept = [], []
+    handle = model.language_model.model.layers[0].register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].clone()))
+    select = model._kept_indices
+
+    def record(*args):
+        selection, failed = select(*args)
+        kept.extend(k.clone() for k in selection.kept)
+        return selection, failed
+
+    model._kept_indices = record
+    prompt = {"prompt": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Which square is red?"
+                        "<|im_end|>\n<|im_start|>assistant\n",
+              "multi_modal_data": {"image": synthetic_image(640, 480, seed=70)}}
+    try:
+        runs = {}
+        for keep in (1.0, 0.3):
+            seen.clear()
+            params = SamplingParams(max_tokens=3, temperature=0.0, extra_args={"visual_keep": keep})
+            out = engine.generate([prompt], params, use_tqdm=False)[0]
+            runs[keep] = (torch.cat(seen[:-2], dim=1), [s.clone() for s in seen[-2:]], out)
+    finally:
+        handle.remove()
+        del model._kept_indices
+    full_positions, full_decode, full = runs[1.0]
+    pruned_positions, pruned_decode, pruned = runs[0.3]
+    start = full.prompt_token_ids.index(model.config.image_token_id)
+    n = len(full.prompt_token_ids) - len(pruned.prompt_token_ids) + kept[0].numel()
+    assert kept[0].numel() == budget(n, 0.3) and full_positions.shape[1] == len(full.prompt_token_ids)
+    served = torch.cat([torch.arange(start), start + kept[0], torch.arange(start + n, full_positions.shape[1])])
+    assert torch.equal(pruned_positions, full_positions[:, served])
+    assert all(torch.equal(p, f) for p, f in zip(pruned_decode, full_decode))
+
+
+def _video_data_url(tmp_path) -> str:
+    import base64
+
+    import cv2
+    import numpy as np
+
+    path = str(tmp_path / "clip.mp4")
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 4, (320, 240))
+    for i in range(8):
+        frame = np.full((240, 320, 3), 40 * (i % 6), dtype=np.uint8)
+        cv2.rectangle(frame, (20 + 20 * i, 60), (80 + 20 * i, 120), (0, 0, 255), -1)
+        writer.write(frame)
+    writer.release()
+    return "data:video/mp4;base64," + base64.b64encode(open(path, "rb").read()).decode()
+
+
+def test_videos_are_served_whole_and_a_keep_below_one_with_them_is_refused(server, stock_server, model, tmp_path):
+    """vLLM prunes videos (EVS) whenever its pruning switch is on; the plugin turns it on for
+    its positions hook, and videos must still be served as stock serves them."""
+    content = [{"type": "video_url", "video_url": {"url": _video_data_url(tmp_path)}},
+               {"type": "text", "text": "What happens?"}]
+    body = {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": content}]}
+    status, whole, _ = post_chat(server, body)
+    assert status == 200, whole
+    status, stock, _ = post_chat(stock_server, body)
+    assert status == 200 and whole["usage"] == stock["usage"], (whole["usage"], stock)
+    status, payload, _ = post_chat(server, {**body, "visual_keep": 0.5})
+    assert status == 400 and "videos are served whole" in json.dumps(payload), payload
+    assert server.healthy()
