@@ -29,7 +29,8 @@ def unsupported_vllm(version: str) -> str | None:
 
 
 def register() -> None:
-    """Registers the PIO-FVLM LLaVA-NeXT model, its processor and request routing with vLLM.
+    """Registers the plugin's model families (`vllm_ext/families`), their processors and the
+    request routing with vLLM.
 
     Idempotent: vLLM may load plugins more than once per process.
     """

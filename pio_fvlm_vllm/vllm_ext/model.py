@@ -68,6 +68,9 @@ class PioFvlmModel:
     `super()` below is the vLLM model.
     """
 
+    # Whether the family's positions leave a row free for the hand-off marks (`handoff.py`).
+    pio_supports_handoff = True
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.pio_handoff: HandoffBuffers | None = None
@@ -92,6 +95,8 @@ class PioFvlmModel:
         self.pio_tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.pio_proxy: ProxyWeights | None = None
         self.quant_method = ProxySnapshotHook()
+        if not self.pio_supports_handoff:
+            self.pio_handoff_layer = 0
         if self.pio_handoff_layer:
             scheduler = vllm_config.scheduler_config
             self.pio_handoff = HandoffBuffers(
