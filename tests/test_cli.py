@@ -69,3 +69,17 @@ def test_settings_command_prints_effective_values_and_their_sources(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pio_fvlm_vllm", "settings", "--model", str(tmp_path)], env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "PIO_FVLM_PROXY_LAYER" in result.stderr
+
+
+def test_settings_command_says_the_hand_off_is_off_for_qwen2_5_vl(tmp_path):
+    from pio_fvlm_vllm.__main__ import settings_table
+
+    (tmp_path / "config.json").write_text(
+        '{"architectures": ["Qwen2_5_VLForConditionalGeneration"], "num_hidden_layers": 28}')
+    rows = {name: (value, source) for name, value, source in settings_table({}, str(tmp_path))}
+    assert rows["handoff_layer"] == (0, "off for Qwen2_5_VLForConditionalGeneration (its position rows are "
+                                        "the model's)")
+    assert rows["proxy_layer"][0] == 2
+    (tmp_path / "config.json").write_text(
+        '{"architectures": ["LlavaNextForConditionalGeneration"], "text_config": {"num_hidden_layers": 32}}')
+    assert dict((n, v) for n, v, _ in settings_table({}, str(tmp_path)))["handoff_layer"] == 1

@@ -107,6 +107,13 @@ def test_dockerfiles_pass_hadolint(dockerfile):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_gpu_image_pins_what_it_installs():
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^ARG VLLM_VERSION=v\d+\.\d+\.\d+$", text, re.M)
+    assert re.search(r"^ARG FLASH_ATTN_VERSION=\d+\.\d+\.\d+", text, re.M)
+    assert '"flash-attn==${FLASH_ATTN_VERSION}"' in text and "--no-build-isolation" in text
+
+
 def test_cpu_image_installs_with_the_readme_setup_script():
     text = (ROOT / "docker" / "Dockerfile.cpu").read_text()
     assert "RUN bash scripts/setup_cpu.sh" in text

@@ -27,7 +27,7 @@ from ..algorithm import (ImageContext, ProxyWeights, Selection, seeded_random, s
 from ..settings import PioFvlmSettings
 from .context import CONTEXT_FIELD, PromptContext
 from .engine_config import missing_engine_config
-from .families import model_prunes
+from .families import FAMILIES, model_prunes, pruned_architecture
 from .handoff import HandoffBuffers
 from .kept_indices import KEPT_STORE
 from .positions_hook import PositionsHook
@@ -68,9 +68,6 @@ class PioFvlmModel:
     `super()` below is the vLLM model.
     """
 
-    # Whether the family's positions leave a row free for the hand-off marks (`handoff.py`).
-    pio_supports_handoff = True
-
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.pio_handoff: HandoffBuffers | None = None
@@ -95,7 +92,8 @@ class PioFvlmModel:
         self.pio_tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.pio_proxy: ProxyWeights | None = None
         self.quant_method = ProxySnapshotHook()
-        if not self.pio_supports_handoff:
+        model_config = vllm_config.model_config
+        if not FAMILIES[pruned_architecture(model_config.architectures, model_config.hf_config)].handoff:
             self.pio_handoff_layer = 0
         if self.pio_handoff_layer:
             scheduler = vllm_config.scheduler_config

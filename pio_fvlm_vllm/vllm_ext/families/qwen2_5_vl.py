@@ -162,8 +162,6 @@ class PioFvlmQwen2_5_VLProcessor(PioFvlmProcessor, Qwen2_5_VLMultiModalProcessor
     dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
 )
 class PioFvlmQwen2_5_VLForConditionalGeneration(PioFvlmModel, Qwen2_5_VLForConditionalGeneration):
-    pio_supports_handoff = False  # all three position rows are the model's
-
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         # vLLM's EVS reads this to append its position columns and prune videos: off, videos
