@@ -72,6 +72,24 @@ def served_rows(embeds: torch.Tensor, kept: torch.Tensor, ctx: PromptContext, st
     return torch.cat(columns, dim=-1)
 
 
+def apply_position_columns(embeddings: Sequence[torch.Tensor], positions: torch.Tensor, width: int, write
+                           ) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
+    """Rows wider than `width` belong to a pruned image and carry trailing position columns:
+    `write(columns, positions)` applies each such image's to a copy of the positions, and its
+    rows are cut back to the embedding. V1 calls the hook for every request on every step, so
+    without pruned rows this returns at once."""
+    if not any(rows.shape[-1] > width for rows in embeddings):
+        return embeddings, positions
+    positions = positions.clone()
+    stripped = []
+    for rows in embeddings:
+        if rows.shape[-1] > width:
+            write(rows[:, width:], positions)
+            rows = rows[:, :width]
+        stripped.append(rows)
+    return stripped, positions
+
+
 class PositionsHook:
     """Original positions for a plain-rotary language model behind three emulated M-RoPE rows
     (LLaVA families): `recompute_mrope_positions` for embeddings `hidden_size` wide plus
@@ -104,23 +122,17 @@ class PositionsHook:
 
     def recompute(self, embeddings: Sequence[torch.Tensor], positions: torch.Tensor
                   ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
-        width = self.hidden_size
-        if not any(rows.shape[-1] > width for rows in embeddings):
-            # V1 calls this for every request on every step: stay O(1) without pruned rows.
-            return embeddings, positions, self.delta(positions)
-        positions = positions.clone()
-        stripped = []
-        for rows in embeddings:
-            if rows.shape[-1] > width:
-                digits = rows[:, -POSITION_COLUMNS:]
-                served = decode_digits(digits[:, :NUM_DIGITS]).to(positions.device)
-                positions[:2, served] = decode_digits(digits[:, NUM_DIGITS:]).to(positions.device, positions.dtype)
-                if rows.shape[-1] == 2 * width + POSITION_COLUMNS and self.handoff is not None:
-                    marks = self.handoff.stash(rows[:, width : 2 * width])
-                    positions[1, served] = marks.to(positions.device, positions.dtype)
-                rows = rows[:, :width]
-            stripped.append(rows)
+        stripped, positions = apply_position_columns(embeddings, positions, self.hidden_size, self._write)
         return stripped, positions, self.delta(positions)
+
+    def _write(self, columns: torch.Tensor, positions: torch.Tensor) -> None:
+        """columns: [hand-off state |] served index and original position digits."""
+        digits = columns[:, -POSITION_COLUMNS:]
+        served = decode_digits(digits[:, :NUM_DIGITS]).to(positions.device)
+        positions[:2, served] = decode_digits(digits[:, NUM_DIGITS:]).to(positions.device, positions.dtype)
+        if columns.shape[-1] == self.hidden_size + POSITION_COLUMNS and self.handoff is not None:
+            marks = self.handoff.stash(columns[:, : self.hidden_size])
+            positions[1, served] = marks.to(positions.device, positions.dtype)
 
     @staticmethod
     def delta(positions: torch.Tensor) -> int:

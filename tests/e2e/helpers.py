@@ -70,3 +70,49 @@ def environment(**values: str):
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+# -- shared by the per-family modules ---------------------------------------------------
+
+HEADER = "x-pio-fvlm-image-tokens"
+CACHE_RESETS = ("/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache")  # VLLM_SERVER_DEV_MODE=1
+
+
+def openai_client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def image_token_counts(client, model, msgs, keep=None):
+    """(usage.prompt_tokens, kept, total) of one request, the last two from the header."""
+    raw = chat(client, model, msgs, keep, raw=True)
+    kept, total = map(int, raw.headers[HEADER].split("/"))
+    return raw.parse().usage.prompt_tokens, kept, total
+
+
+def reset_caches(server) -> None:
+    for path in CACHE_RESETS:
+        urllib.request.urlopen(urllib.request.Request(server.base_url + path, method="POST"), timeout=60).close()
+
+
+def assert_b_after_a_equals_b_alone(client, server, model, seed: int, keep: float, other_keep: float) -> None:
+    """Selection depends on the question: no cache may hand question A's tokens to B. The
+    comparison can tell selections apart: another keep answers measurably differently."""
+    reset_caches(server)
+    alone = token_logprobs(chat(client, model, messages(QUESTION_B, seed=seed), keep, logprobs=True))
+    reset_caches(server)
+    chat(client, model, messages(QUESTION_A, seed=seed), keep, max_tokens=2)
+    after_a = token_logprobs(chat(client, model, messages(QUESTION_B, seed=seed), keep, logprobs=True))
+    assert [t for t, _ in after_a] == [t for t, _ in alone]
+    assert max(abs(x - y) for (_, x), (_, y) in zip(after_a, alone)) <= 1e-3
+    other = token_logprobs(chat(client, model, messages(QUESTION_B, seed=seed), other_keep, logprobs=True))
+    assert max(abs(x - y) for (_, x), (_, y) in zip(other, alone)) > 1e-3
+
+
+def assert_keep_one_and_no_keep_match_stock(client, stock_client, model, msgs) -> None:
+    theirs = chat(stock_client, model, msgs, None, logprobs=True, max_tokens=8, extra={"cache_salt": "stock"})
+    for keep, salt in ((1.0, "keep-one"), (None, "silent")):
+        ours = chat(client, model, msgs, keep, logprobs=True, max_tokens=8, extra={"cache_salt": salt})
+        assert ours.usage.prompt_tokens == theirs.usage.prompt_tokens
+        assert token_logprobs(ours) == token_logprobs(theirs)

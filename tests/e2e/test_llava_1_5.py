@@ -9,14 +9,14 @@ import pytest
 from pio_fvlm_vllm.budget import budget
 from pio_fvlm_vllm.serving import VllmServer, fetch_metrics, metric_value
 
-from .helpers import QUESTION_A, QUESTION_B, chat, messages, post_chat, token_logprobs
+from .helpers import (HEADER, QUESTION_A, QUESTION_B, assert_b_after_a_equals_b_alone,
+                      assert_keep_one_and_no_keep_match_stock, chat, image_token_counts, messages,
+                      openai_client, post_chat)
 
-HEADER = "x-pio-fvlm-image-tokens"
 N = 576  # (336 / 14)^2 patches, the CLS token dropped
 # A step budget below one image: every unpruned prompt and the keep-0.5 one prefill in chunks.
 ARGS = ["--dtype", "float32", "--max-model-len", "2048", "--max-num-batched-tokens", "256",
         "--max-num-seqs", "8", "--seed", "0", "--enforce-eager"]
-CACHES = ("/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache")
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +45,11 @@ def stock_server(checkpoint, tmp_path_factory):
         yield srv
 
 
-def _client(srv):
-    from openai import OpenAI
-
-    return OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return _client(server)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +57,6 @@ def model(checkpoint):
     return str(checkpoint)
 
 
-def _counts(client, model, msgs, keep=None):
-    raw = chat(client, model, msgs, keep, raw=True)
-    kept, total = map(int, raw.headers[HEADER].split("/"))
-    return raw.parse().usage.prompt_tokens, kept, total
 
 
 def _prefill_kv_tokens(srv) -> float:
@@ -80,19 +72,14 @@ def _share_bucket(metrics_text: str, le: str) -> float:
                if line.startswith("pio_fvlm_served_image_kept_share_bucket") and f'le="{le}"' in line)
 
 
-def _reset_caches(srv) -> None:
-    import urllib.request
-
-    for path in CACHES:
-        urllib.request.urlopen(urllib.request.Request(srv.base_url + path, method="POST"), timeout=60).close()
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.111, 0.05])
 def test_prompt_tokens_and_header_shrink_to_the_budget(client, model, keep):
     msgs = messages(seed=1, size=(640, 480))
-    full_tokens, kept_all, total = _counts(client, model, msgs)
+    full_tokens, kept_all, total = image_token_counts(client, model, msgs)
     assert kept_all == total == N
-    tokens, kept, total_again = _counts(client, model, msgs, keep)
+    tokens, kept, total_again = image_token_counts(client, model, msgs, keep)
     assert (kept, total_again) == (budget(N, keep), N)
     assert tokens == full_tokens - N + kept
 
@@ -110,25 +97,14 @@ def test_the_engine_prefills_and_caches_only_the_kept_tokens(client, model, serv
 
 
 def test_question_b_after_a_equals_b_alone(client, model, server):
-    """Selection depends on the question: no cache may hand A's tokens to B."""
-    seed, keep = 30, 0.2
-    _reset_caches(server)
-    alone = token_logprobs(chat(client, model, messages(QUESTION_B, seed=seed), keep, logprobs=True))
-    _reset_caches(server)
-    chat(client, model, messages(QUESTION_A, seed=seed), keep, max_tokens=2)
-    after_a = token_logprobs(chat(client, model, messages(QUESTION_B, seed=seed), keep, logprobs=True))
-    assert [t for t, _ in after_a] == [t for t, _ in alone]
-    assert max(abs(x - y) for (_, x), (_, y) in zip(after_a, alone)) <= 1e-3
-    # The comparison can tell selections apart: another budget answers measurably differently.
-    other = token_logprobs(chat(client, model, messages(QUESTION_B, seed=seed), 0.5, logprobs=True))
-    assert max(abs(x - y) for (_, x), (_, y) in zip(other, alone)) > 1e-3
+    assert_b_after_a_equals_b_alone(client, server, model, 30, 0.2, 0.5)
 
 
 def test_two_images_are_pruned_each_to_its_budget(client, model):
     msgs = messages(seed=40, count=2)
-    full, kept_all, total = _counts(client, model, msgs)
+    full, kept_all, total = image_token_counts(client, model, msgs)
     assert kept_all == total == 2 * N
-    tokens, kept, _ = _counts(client, model, msgs, 0.25)
+    tokens, kept, _ = image_token_counts(client, model, msgs, 0.25)
     assert kept == 2 * budget(N, 0.25)
     assert tokens == full - total + kept
 
@@ -143,13 +119,8 @@ def test_invalid_visual_keep_is_a_400_and_the_server_keeps_serving(server, model
 
 
 def test_keep_one_and_no_keep_are_bit_identical_to_stock_vllm(client, model, stock_server):
-    stock = _client(stock_server)
-    msgs = messages(QUESTION_A, seed=60, size=(500, 375))
-    theirs = chat(stock, model, msgs, None, logprobs=True, max_tokens=8, extra={"cache_salt": "stock"})
-    for keep, salt in ((1.0, "keep-one"), (None, "silent")):
-        ours = chat(client, model, msgs, keep, logprobs=True, max_tokens=8, extra={"cache_salt": salt})
-        assert ours.usage.prompt_tokens == theirs.usage.prompt_tokens
-        assert token_logprobs(ours) == token_logprobs(theirs)
+    assert_keep_one_and_no_keep_match_stock(client, openai_client(stock_server), model,
+                                            messages(QUESTION_A, seed=60, size=(500, 375)))
 
 
 def test_metrics_count_served_images_cache_hits_included(client, model, server):

@@ -12,12 +12,11 @@ from pio_fvlm_vllm.budget import budget
 from pio_fvlm_vllm.images import image_message, synthetic_image
 from pio_fvlm_vllm.serving import VllmServer
 
-from .helpers import QUESTION_A, QUESTION_B, chat, environment, messages, post_chat, token_logprobs
+from .helpers import (QUESTION_A, assert_b_after_a_equals_b_alone, assert_keep_one_and_no_keep_match_stock,
+                      chat, environment, image_token_counts, messages, openai_client, post_chat)
 
-HEADER = "x-pio-fvlm-image-tokens"
 ARGS = ["--dtype", "float32", "--max-model-len", "4096", "--enforce-eager", "--generation-config", "vllm",
         "--max-num-batched-tokens", "256", "--seed", "0"]
-CACHES = ("/reset_prefix_cache", "/reset_mm_cache", "/reset_encoder_cache")
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +40,11 @@ def stock_server(checkpoint, tmp_path_factory):
         yield srv
 
 
-def _client(srv):
-    from openai import OpenAI
-
-    return OpenAI(base_url=srv.base_url + "/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return _client(server)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +52,6 @@ def model(checkpoint):
     return str(checkpoint)
 
 
-def _counts(client, model, msgs, keep=None):
-    raw = chat(client, model, msgs, keep, raw=True)
-    kept, total = map(int, raw.headers[HEADER].split("/"))
-    return raw.parse().usage.prompt_tokens, kept, total
 
 
 def test_the_checkpoint_is_served_as_its_processor_counts_it(client, model, checkpoint):
@@ -77,16 +68,16 @@ def test_the_checkpoint_is_served_as_its_processor_counts_it(client, model, chec
 @pytest.mark.parametrize("keep", [0.5, 0.111, 0.05])
 def test_prompt_tokens_and_header_shrink_to_the_budget(client, model, keep):
     msgs = messages(seed=1, size=(640, 480))
-    full_tokens, kept_all, total = _counts(client, model, msgs)
+    full_tokens, kept_all, total = image_token_counts(client, model, msgs)
     assert kept_all == total > 300
-    tokens, kept, total_again = _counts(client, model, msgs, keep)
+    tokens, kept, total_again = image_token_counts(client, model, msgs, keep)
     assert (kept, total_again) == (budget(total, keep), total)
     assert tokens == full_tokens - total + kept
 
 
 def test_two_images_of_different_sizes_are_pruned_each_to_its_budget(client, model, server):
     msgs = image_message(QUESTION_A, synthetic_image(640, 480, seed=5), synthetic_image(300, 600, seed=6))
-    full, kept_all, total = _counts(client, model, msgs)
+    full, kept_all, total = image_token_counts(client, model, msgs)
     body = {"model": model, "messages": msgs, "max_tokens": 1, "visual_keep": 0.25, "pio_fvlm_kept_indices": True}
     status, payload, headers = post_chat(server, body)
     assert status == 200, payload
@@ -97,22 +88,7 @@ def test_two_images_of_different_sizes_are_pruned_each_to_its_budget(client, mod
 
 
 def test_question_b_after_a_equals_b_alone(client, model, server):
-    import urllib.request
-
-    def reset():
-        for path in CACHES:
-            urllib.request.urlopen(urllib.request.Request(server.base_url + path, method="POST"), timeout=60).close()
-
-    seed, keep = 30, 0.2
-    reset()
-    alone = token_logprobs(chat(client, model, messages(QUESTION_B, seed=seed), keep, logprobs=True))
-    reset()
-    chat(client, model, messages(QUESTION_A, seed=seed), keep, max_tokens=2)
-    after_a = token_logprobs(chat(client, model, messages(QUESTION_B, seed=seed), keep, logprobs=True))
-    assert [t for t, _ in after_a] == [t for t, _ in alone]
-    assert max(abs(x - y) for (_, x), (_, y) in zip(after_a, alone)) <= 1e-3
-    other = token_logprobs(chat(client, model, messages(QUESTION_B, seed=seed), 0.6, logprobs=True))
-    assert max(abs(x - y) for (_, x), (_, y) in zip(other, alone)) > 1e-3
+    assert_b_after_a_equals_b_alone(client, server, model, 30, 0.2, 0.6)
 
 
 @pytest.mark.parametrize("bad", ["0", "1.5", '"0.5"', "true"])
@@ -124,13 +100,8 @@ def test_invalid_visual_keep_is_a_400_and_the_server_keeps_serving(server, model
 
 
 def test_keep_one_and_no_keep_are_bit_identical_to_stock_vllm(client, model, stock_server):
-    stock = _client(stock_server)
-    msgs = messages(QUESTION_A, seed=60, size=(500, 375))
-    theirs = chat(stock, model, msgs, None, logprobs=True, max_tokens=8, extra={"cache_salt": "stock"})
-    for keep, salt in ((1.0, "keep-one"), (None, "silent")):
-        ours = chat(client, model, msgs, keep, logprobs=True, max_tokens=8, extra={"cache_salt": salt})
-        assert ours.usage.prompt_tokens == theirs.usage.prompt_tokens
-        assert token_logprobs(ours) == token_logprobs(theirs)
+    assert_keep_one_and_no_keep_match_stock(client, openai_client(stock_server), model,
+                                            messages(QUESTION_A, seed=60, size=(500, 375)))
 
 
 @pytest.fixture(scope="module")

@@ -28,11 +28,8 @@ from vllm.multimodal.processing.processor import PromptReplacement
 from ...positions import NUM_DIGITS, GridSpan, decode_digits, encode_digits, grid_cells, mrope_layout
 from ..context import PromptContext
 from ..model import PioFvlmModel
-from ..positions_hook import feature_context
+from ..positions_hook import apply_position_columns, feature_context
 from ..processor import PioFvlmProcessor
-
-_COLUMNS = 4 * NUM_DIGITS  # served index, then the (t, h, w) position rows
-
 
 def merged_grid(grid_thw: torch.Tensor, merge_size: int) -> tuple[int, int, int]:
     """An image's patch grid (t, H, W) -> its token grid after the spatial merge."""
@@ -71,21 +68,16 @@ class MultimodalRotaryHook:
 
     def recompute(self, embeddings: Sequence[torch.Tensor], positions: torch.Tensor
                   ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
-        width = self.hidden_size
-        if not any(rows.shape[-1] > width for rows in embeddings):
-            return embeddings, positions, self.delta(positions)
-        positions = positions.clone()
-        stripped = []
-        for rows in embeddings:
-            if rows.shape[-1] > width:
-                digits = rows[:, -_COLUMNS:]
-                served = decode_digits(digits[:, :NUM_DIGITS]).to(positions.device)
-                for r in range(3):
-                    row = digits[:, NUM_DIGITS * (r + 1): NUM_DIGITS * (r + 2)]
-                    positions[r, served] = decode_digits(row).to(positions.device, positions.dtype)
-                rows = rows[:, :width]
-            stripped.append(rows)
+        stripped, positions = apply_position_columns(embeddings, positions, self.hidden_size, self._write)
         return stripped, positions, self.delta(positions)
+
+    @staticmethod
+    def _write(columns: torch.Tensor, positions: torch.Tensor) -> None:
+        """columns: served index, then t, h, w position digits."""
+        served = decode_digits(columns[:, :NUM_DIGITS]).to(positions.device)
+        for r in range(3):
+            row = columns[:, NUM_DIGITS * (r + 1): NUM_DIGITS * (r + 2)]
+            positions[r, served] = decode_digits(row).to(positions.device, positions.dtype)
 
     @staticmethod
     def delta(positions: torch.Tensor) -> int:
