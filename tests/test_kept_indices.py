@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from pio_fvlm_vllm.vllm_ext import kept_indices
 from pio_fvlm_vllm.vllm_ext.kept_indices import KeptStore, add_to_body, image_key, requested
@@ -18,10 +19,10 @@ def test_store_round_trip_and_bound(tmp_path, monkeypatch):
     monkeypatch.setattr(kept_indices, "CAPACITY", 5)
     monkeypatch.setattr(kept_indices, "_PRUNE_EVERY", 4)
     store = KeptStore(tmp_path)
-    store.put(7, [1, 4, 9], 576)
+    store.put(7, torch.tensor([1, 4, 9]), 576)
     assert store.get(7) == ([1, 4, 9], 576) and store.get(8) is None and store.get(0) is None
     for key in range(100, 112):
-        store.put(key, [key], 10)
+        store.put(key, torch.tensor([key]), 10)
     assert len(list(tmp_path.glob("*.json"))) <= 5 + 4 and store.get(111) == ([111], 10)
     assert not list(tmp_path.glob("*.tmp"))
 

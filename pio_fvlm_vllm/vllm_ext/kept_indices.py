@@ -18,6 +18,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from .stats import STATS_DIR_ENV
 
 FIELD = "pio_fvlm_kept_indices"
@@ -48,14 +50,15 @@ class KeptStore:
         root = os.environ.get(STATS_DIR_ENV)
         return Path(root) / "kept" if root else None
 
-    def put(self, key: int, kept: list[int], num_tokens: int) -> None:
+    def put(self, key: int, kept: torch.Tensor, num_tokens: int) -> None:
+        """kept: (k,) the image's kept indices, on any device (read only when recorded)."""
         directory = self.directory
         if directory is None or key <= 0:
-            return
+            return  # no server around (offline LLM) or no key: nothing to record, nothing copied
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{key}.json"
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"kept": kept, "tokens": num_tokens}))
+        tmp.write_text(json.dumps({"kept": kept.tolist(), "tokens": num_tokens}))
         tmp.replace(path)
         self._writes += 1
         if self._writes % _PRUNE_EVERY == 0:

@@ -201,7 +201,7 @@ class PioFvlmModel:
         seen = [embeddings[i].shape[0] for i in todo]
         for j, i in enumerate(todo):
             ctx, kept = contexts[i], selection.kept[j].to(embeddings[i].device)
-            KEPT_STORE.put(ctx.image_key, kept.tolist(), ctx.num_tokens)
+            KEPT_STORE.put(ctx.image_key, selection.kept[j], ctx.num_tokens)
             embeds = embeddings[i][kept]
             if ctx.handoff_rows > 0:
                 text = self._embed_text(ctx.suffix_ids[: ctx.handoff_rows], embeds.device)
