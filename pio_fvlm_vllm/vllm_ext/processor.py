@@ -117,7 +117,8 @@ class PioFvlmProcessor:
         depth = self.info.get_hf_config().text_config.num_hidden_layers
         return self.server_settings().handoff_layer_for(depth) > 0
 
-    def _image_token_id(self) -> int:
+    def image_token_id(self) -> int:
+        """The token an image's placeholder run is made of (also read by the token-in check)."""
         return self.info.get_hf_config().image_token_index
 
     def _original_offsets(self, mm_items, placeholders: list, counts: list[int]) -> list[int]:
@@ -132,7 +133,7 @@ class PioFvlmProcessor:
         items = result["mm_kwargs"].get("image", [])
         if not items:
             return
-        around = image_contexts(list(inputs.prompt), self._image_token_id()) if prune else None
+        around = image_contexts(list(inputs.prompt), self.image_token_id()) if prune else None
         placeholders = list(result["mm_placeholders"]["image"])
         hashes = result["mm_hashes"]["image"]
         served_len = len(result["prompt_token_ids"])

@@ -68,8 +68,7 @@ def check_token_in(serve_tokens):
                 if processor is None:
                     processor = self._pio_fvlm_processor = MULTIMODAL_REGISTRY.create_processor(self.model_config)
                 problem = token_in_context_problem(request.token_ids, features,
-                                                   self.model_config.hf_config.image_token_index,
-                                                   processor.item_num_tokens)
+                                                   processor.image_token_id(), processor.item_num_tokens)
                 if problem is not None:
                     return self.create_error_response(VLLMValidationError(problem, parameter="features"))
         return await serve_tokens(self, request, *args, **kwargs)

@@ -91,7 +91,7 @@ class MultimodalRotaryHook:
 
 
 class PioFvlmQwen2_5_VLProcessor(PioFvlmProcessor, Qwen2_5_VLMultiModalProcessor):
-    def _image_token_id(self) -> int:
+    def image_token_id(self) -> int:
         return self.info.get_hf_config().image_token_id
 
     def _handoff_enabled(self) -> bool:
