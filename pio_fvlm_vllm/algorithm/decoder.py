@@ -27,6 +27,8 @@ class DecoderShape:
     # Multimodal rotary (Qwen2-VL, Qwen2.5-VL): the head_dim / 2 frequencies in sections read
     # positions (temporal, height, width); None: plain 1-D rotary.
     mrope_section: tuple[int, ...] | None = None
+    # Qwen3-VL interleaves the sections (t, h, w, t, h, w, ...) instead of laying them end to end.
+    mrope_interleaved: bool = False
 
 
 @dataclass
@@ -45,6 +47,9 @@ class DecoderLayerWeights:
     q_bias: torch.Tensor | None = None
     k_bias: torch.Tensor | None = None
     v_bias: torch.Tensor | None = None
+    # Qwen3: RMSNorm over each head's query and key before the rotary, (Dh,)
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
 
 
 @dataclass
@@ -94,24 +99,37 @@ def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor
 
 def rotary_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
-    mrope_section: tuple[int, ...] | None = None,
+    mrope_section: tuple[int, ...] | None = None, mrope_interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """positions: (B, L), or (B, 3, L) with `mrope_section` -> cos, sin: (B, 1, L, Dh) in the
     rotate-half (neox) layout.
 
-    Multimodal rotary: every position row gives its own angles, and frequency section i (of
-    `mrope_section`, repeated for both halves) takes them from row i % 3, as Qwen2-VL does.
+    Multimodal rotary: every position row gives its own angles. Frequency section i (of
+    `mrope_section`) takes them from row i, the sections end to end as Qwen2-VL lays them, or
+    interleaved (frequency j from row j % 3 while that row's section lasts) as Qwen3-VL does.
     """
-    freqs = positions.float()[..., None] * _inv_freq(head_dim, theta, positions.device)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, L, Dh) or (B, 3, L, Dh)
+    freqs = positions.float()[..., None] * _inv_freq(head_dim, theta, positions.device)  # (B, L, Dh/2) or (B, 3, L, Dh/2)
     if mrope_section is not None:
         if positions.ndim != 3 or 2 * sum(mrope_section) != head_dim:
             raise ValueError(f"multimodal rotary needs (B, 3, L) positions and sections summing to "
                              f"head_dim / 2 = {head_dim // 2}, got {tuple(positions.shape)} and {mrope_section}")
-        chunks = emb.split(list(mrope_section) * 2, dim=-1)
-        emb = torch.cat([chunk[:, i % 3] for i, chunk in enumerate(chunks)], dim=-1)
-    emb = emb[:, None]
+        freqs = freqs.gather(1, _mrope_rows(tuple(mrope_section), mrope_interleaved, positions.device)
+                             .expand(freqs.shape[0], 1, freqs.shape[2], -1)).squeeze(1)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, L, Dh)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+@lru_cache(maxsize=8)
+def _mrope_rows(section: tuple[int, ...], interleaved: bool, device: torch.device) -> torch.Tensor:
+    """(1, 1, 1, Dh/2): which position row each rotary frequency reads."""
+    if interleaved:
+        j = torch.arange(sum(section))
+        rows = torch.zeros_like(j)
+        for r in (1, 2):
+            rows[(j % 3 == r) & (j < 3 * section[r])] = r
+    else:
+        rows = torch.cat([torch.full((n,), i % 3) for i, n in enumerate(section)])
+    return rows.to(device).view(1, 1, 1, -1)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -200,8 +218,8 @@ def decoder_layer(
     """x: (B, L, D) -> (B, L, D); one pre-norm decoder layer (this rank's shard under TP)."""
     bsz, seq, _ = x.shape
     h = _copy_to_tp(rms_norm(x, w.input_norm, shape.rms_norm_eps), tp_group)
-    q = F.linear(h, w.q_proj, w.q_bias).view(bsz, seq, shape.num_heads, shape.head_dim)
-    k = F.linear(h, w.k_proj, w.k_bias).view(bsz, seq, shape.num_kv_heads, shape.head_dim)
+    q = _head_norm(F.linear(h, w.q_proj, w.q_bias).view(bsz, seq, shape.num_heads, shape.head_dim), w.q_norm, shape)
+    k = _head_norm(F.linear(h, w.k_proj, w.k_bias).view(bsz, seq, shape.num_kv_heads, shape.head_dim), w.k_norm, shape)
     v = F.linear(h, w.v_proj, w.v_bias).view(bsz, seq, shape.num_kv_heads, shape.head_dim)
     q = apply_rotary(q.transpose(1, 2), cos, sin)
     k = apply_rotary(k.transpose(1, 2), cos, sin)
@@ -209,6 +227,11 @@ def decoder_layer(
     x = _residual(x, _reduce_from_tp(F.linear(attn.transpose(1, 2).reshape(bsz, seq, -1), w.o_proj), tp_group))
     h = _copy_to_tp(rms_norm(x, w.post_norm, shape.rms_norm_eps), tp_group)
     return _residual(x, _reduce_from_tp(_mlp(h, w), tp_group))
+
+
+def _head_norm(x: torch.Tensor, weight: torch.Tensor | None, shape: DecoderShape) -> torch.Tensor:
+    """x: (..., heads, Dh); per-head RMSNorm where the layer has one (Qwen3), else x."""
+    return x if weight is None else rms_norm(x, weight, shape.rms_norm_eps)
 
 
 def _mlp(h: torch.Tensor, w: DecoderLayerWeights) -> torch.Tensor:
@@ -250,8 +273,9 @@ def decoder_layer_at(
     groups = heads // kv_heads
     rows = torch.arange(bsz, device=x.device)[:, None]
     h = _copy_to_tp(rms_norm(x, w.input_norm, shape.rms_norm_eps), tp_group)  # (B, L, D)
-    q = F.linear(h[rows, at], w.q_proj, w.q_bias).view(bsz, num, heads, head_dim).transpose(1, 2)
-    k = F.linear(h, w.k_proj, w.k_bias).view(bsz, seq, kv_heads, head_dim).transpose(1, 2)
+    q = _head_norm(F.linear(h[rows, at], w.q_proj, w.q_bias).view(bsz, num, heads, head_dim), w.q_norm,
+                   shape).transpose(1, 2)
+    k = _head_norm(F.linear(h, w.k_proj, w.k_bias).view(bsz, seq, kv_heads, head_dim), w.k_norm, shape).transpose(1, 2)
     # cos/sin: (B, 1, L, Dh) -> the queries' rows (B, 1, P, Dh)
     q = apply_rotary(q, cos[rows, 0, at][:, None], sin[rows, 0, at][:, None])
     k = apply_rotary(k, cos, sin)  # (B, Hkv, L, Dh)

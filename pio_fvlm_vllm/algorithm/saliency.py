@@ -49,6 +49,9 @@ class ImageContext:
     suffix_embeds: torch.Tensor  # (S, D) prompt text after the image, ends at the last prompt token
     # (t, h, w) with t * h * w = N: the image's token grid, for multimodal rotary positions.
     grid: tuple[int, int, int] | None = None
+    # (levels, N, D) Qwen3-VL's deepstack features: level i is added to the image tokens'
+    # states after decoder layer i, as the served model does.
+    deepstack: torch.Tensor | None = None
 
     def mrope_positions(self) -> torch.Tensor:
         """(3, L) multimodal rotary positions of [prefix, image, suffix], as Qwen2-VL numbers
@@ -94,6 +97,22 @@ def _pack(contexts: list[ImageContext], dtype: torch.dtype) -> tuple[torch.Tenso
     for b, c in enumerate(contexts):
         x[b, : c.length] = torch.cat([c.prefix_embeds, c.image_embeds, c.suffix_embeds]).to(dtype)
     return x, lengths
+
+
+def _pack_deepstack(contexts: list[ImageContext], seq: int, dtype: torch.dtype, max_levels: int) -> list[torch.Tensor]:
+    """Per deepstack level up to `max_levels`, (B, seq, D) zeros with each context's level at
+    its image rows."""
+    levels = min(max((c.deepstack.shape[0] for c in contexts if c.deepstack is not None), default=0), max_levels)
+    if levels == 0:
+        return []
+    dim, device = contexts[0].image_embeds.shape[-1], contexts[0].image_embeds.device
+    packed = torch.zeros(levels, len(contexts), seq, dim, dtype=dtype, device=device)
+    for b, c in enumerate(contexts):
+        if c.deepstack is not None:
+            start = c.prefix_embeds.shape[0]
+            own = c.deepstack[:levels]
+            packed[: own.shape[0], b, start : start + c.num_image_tokens] = own.to(dtype)
+    return list(packed)
 
 
 def _positions(contexts: list[ImageContext], seq: int, multimodal: bool) -> torch.Tensor:
@@ -159,18 +178,25 @@ def gradient_saliency(
         x, lengths = _pack(contexts, dtype)
         bsz, seq, _ = x.shape
         cos, sin = rotary_cos_sin(_positions(contexts, seq, shape.mrope_section is not None), shape.head_dim,
-                                  shape.rope_theta, dtype, shape.mrope_section)
+                                  shape.rope_theta, dtype, shape.mrope_section, shape.mrope_interleaved)
+        deepstack = _pack_deepstack(contexts, seq, dtype, num_layers - 1)  # layer K reads text rows only
+
+        def layer(i: int, x: torch.Tensor) -> torch.Tensor:
+            x = decoder_layer(x, weights.layers[i], shape, cos, sin, weights.tp_group)
+            return x + deepstack[i] if i < len(deepstack) else x
+
         first_grad_layer = num_layers - backprop_layers
         with torch.no_grad():
-            for i, w in enumerate(weights.layers[:first_grad_layer]):
-                x = decoder_layer(x, w, shape, cos, sin, weights.tp_group)
+            for i in range(first_grad_layer):
+                x = layer(i, x)
                 if i + 1 == handoff_layer:
                     handoff = [x[b, :n] for b, n in enumerate(lengths)]
         x_in = x.detach().requires_grad_(True)
         x = x_in
-        for w in weights.layers[first_grad_layer:-1]:
-            x = decoder_layer(x, w, shape, cos, sin, weights.tp_group)
-        # The loss reads a few positions of layer K only: that layer runs for them alone.
+        for i in range(first_grad_layer, num_layers - 1):
+            x = layer(i, x)
+        # The loss reads a few positions of layer K only: that layer runs for them alone (text
+        # positions: no deepstack is added there).
         at = loss_rows(lengths, loss_positions, x.device)
         states = decoder_layer_at(x, weights.layers[-1], shape, cos, sin, at, weights.tp_group)
         loss = proxy_loss(states.flatten(0, 1), weights, loss_kind) / at.shape[1]

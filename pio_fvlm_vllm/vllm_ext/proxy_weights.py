@@ -8,6 +8,8 @@ on accelerators views of the engine's parameters suffice.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -20,12 +22,18 @@ def _rope_theta(text_config) -> float:
     return float(theta or getattr(text_config, "rope_theta", None) or 10000.0)
 
 
-def _mrope_section(text_config) -> tuple[int, ...] | None:
-    """The language model's multimodal rotary sections (Qwen2-VL family), None for plain rotary."""
+def _mrope_params(text_config) -> dict:
+    """The rope parameters that carry multimodal rotary sections (Qwen-VL families), or {}."""
     for params in (getattr(text_config, "rope_parameters", None), getattr(text_config, "rope_scaling", None)):
         if isinstance(params, dict) and params.get("mrope_section"):
-            return tuple(int(s) for s in params["mrope_section"])
-    return None
+            return params
+    return {}
+
+
+def _mrope_section(text_config) -> tuple[int, ...] | None:
+    """The language model's multimodal rotary sections, None for plain rotary."""
+    section = _mrope_params(text_config).get("mrope_section")
+    return tuple(int(s) for s in section) if section else None
 
 
 def decoder_shape(text_config) -> DecoderShape:
@@ -39,12 +47,19 @@ def decoder_shape(text_config) -> DecoderShape:
         rms_norm_eps=getattr(text_config, "rms_norm_eps", 1e-5),
         rope_theta=_rope_theta(text_config),
         mrope_section=_mrope_section(text_config),
+        mrope_interleaved=bool(_mrope_params(text_config).get("mrope_interleaved", False)),
     )
 
 
 def _take(t: torch.Tensor, copy: bool) -> torch.Tensor:
     t = t.detach()
     return t.clone() if copy else t
+
+
+def _norm_weight(attn: nn.Module, name: str, copy: bool) -> torch.Tensor | None:
+    """A per-head query/key norm's weight (Qwen3 attention), None where the layer has none."""
+    norm = getattr(attn, name, None)
+    return None if norm is None else _take(norm.weight, copy)
 
 
 def _gather_vocab(weight: torch.Tensor, vocab_size: int, group) -> torch.Tensor:
@@ -65,8 +80,8 @@ def snapshot_proxy_weights(
     """
     shape = decoder_shape(text_config)
     first_attn = language_model.model.layers[0].self_attn
-    shape = DecoderShape(shape.hidden_size, first_attn.num_heads, first_attn.num_kv_heads,
-                         first_attn.head_dim, shape.rms_norm_eps, shape.rope_theta, shape.mrope_section)
+    shape = dataclasses.replace(shape, num_heads=first_attn.num_heads, num_kv_heads=first_attn.num_kv_heads,
+                                head_dim=first_attn.head_dim)
     q_size = shape.num_heads * shape.head_dim
     kv_size = shape.num_kv_heads * shape.head_dim
     layers = []
@@ -88,6 +103,7 @@ def snapshot_proxy_weights(
                     gate_proj=gate, up_proj=up,
                     down_proj=_take(mlp.down_proj.weight, copy),
                     q_bias=qb, k_bias=kb, v_bias=vb,
+                    q_norm=_norm_weight(attn, "q_norm", copy), k_norm=_norm_weight(attn, "k_norm", copy),
                 )
             )
         lm_head = language_model.lm_head.weight
