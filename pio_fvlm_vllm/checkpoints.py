@@ -7,6 +7,8 @@
     python -m pio_fvlm_vllm.checkpoints 7b-shape-llava-1.5 checkpoints/7b-shape-llava-1.5
     python -m pio_fvlm_vllm.checkpoints tiny-qwen2.5-vl checkpoints/tiny-qwen2.5-vl   # see checkpoints_qwen.py
     python -m pio_fvlm_vllm.checkpoints 7b-shape-qwen2.5-vl checkpoints/7b-shape-qwen2.5-vl
+    python -m pio_fvlm_vllm.checkpoints tiny-qwen3-vl checkpoints/tiny-qwen3-vl
+    python -m pio_fvlm_vllm.checkpoints 8b-shape-qwen3-vl checkpoints/8b-shape-qwen3-vl
 
 A directory holds config.json, generation_config.json, model.safetensors (keys as in
 llava-hf/llava-v1.6-vicuna-7b-hf and llava-hf/llava-1.5-7b-hf: `language_model.model.*`,
@@ -128,10 +130,13 @@ def _qwen_presets() -> dict[str, QwenPreset]:
         "tiny-qwen2.5-vl": QwenPreset(q.TINY, True, "Qwen2.5-VL, random, seconds to build, for tests"),
         "7b-shape-qwen2.5-vl": QwenPreset(q.SEVEN_B, False, "Qwen2.5-VL-7B-Instruct shapes, no weights (use "
                                           "--load-format dummy; token ids are the small tokenizer's)"),
+        "tiny-qwen3-vl": QwenPreset(q.TINY_3, True, "Qwen3-VL, random, seconds to build, for tests"),
+        "8b-shape-qwen3-vl": QwenPreset(q.EIGHT_B_3, False, "Qwen3-VL-8B-Instruct shapes, no weights (use "
+                                        "--load-format dummy; token ids are the small tokenizer's)"),
     }
 
 
-QWEN_PRESET_NAMES = ("tiny-qwen2.5-vl", "7b-shape-qwen2.5-vl")
+QWEN_PRESET_NAMES = ("tiny-qwen2.5-vl", "7b-shape-qwen2.5-vl", "tiny-qwen3-vl", "8b-shape-qwen3-vl")
 
 
 def _log(msg: str) -> None:

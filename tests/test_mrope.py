@@ -139,7 +139,7 @@ def test_layout_equals_vllms_qwen_positions_unpruned_and_keeps_them_when_pruned(
 def test_hook_rows_carry_kept_cells_and_recompute_restores_them_in_any_dtype():
     from pio_fvlm_vllm.positions import GridSpan, mrope_layout
     from pio_fvlm_vllm.vllm_ext.context import PromptContext
-    from pio_fvlm_vllm.vllm_ext.families.qwen2_5_vl import MultimodalRotaryHook
+    from pio_fvlm_vllm.vllm_ext.families.qwen_vl import MultimodalRotaryHook
 
     grid, kept = (1, 4, 6), torch.tensor([0, 7, 23])
     positions, bases, _ = mrope_layout(20, [GridSpan(5, 3, grid)])

@@ -34,6 +34,8 @@ FAMILIES: dict[str, Family] = {
         stock_vision_configs=("PixtralVisionConfig",)),
     "Qwen2_5_VLForConditionalGeneration": Family(
         "pio_fvlm_vllm.vllm_ext.families.qwen2_5_vl:PioFvlmQwen2_5_VLForConditionalGeneration", handoff=False),
+    "Qwen3VLForConditionalGeneration": Family(
+        "pio_fvlm_vllm.vllm_ext.families.qwen3_vl:PioFvlmQwen3VLForConditionalGeneration", handoff=False),
 }
 
 
