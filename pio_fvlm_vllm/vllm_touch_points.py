@@ -43,8 +43,10 @@ TOUCH_POINTS: dict[tuple[str, str], str] = {
     ("model_executor/models/llava.py", ""): "LLaVA-1.5 model, processor and info subclassed",
     ("model_executor/models/llava_next.py", ""): "LLaVA-NeXT model, processor and info subclassed",
     ("model_executor/models/qwen2_5_vl.py", ""): "Qwen2.5-VL model, processor and info subclassed",
+    ("model_executor/models/qwen3_vl.py", ""): "Qwen3-VL model, processor and info subclassed",
     ("model_executor/models/qwen2_vl.py", "Qwen2VLProcessingInfo"): "image grids and token counts",
     ("model_executor/models/qwen2.py", "Qwen2DecoderLayer"): "proxy weights and layers of Qwen2.5-VL's LM",
+    ("model_executor/models/qwen3.py", "Qwen3Attention"): "proxy weights of Qwen3-VL's LM (q_norm, k_norm)",
     ("model_executor/models/llama.py", "LlamaAttention.__init__"): "proxy weights read from qkv_proj, o_proj",
     ("model_executor/models/llama.py", "LlamaDecoderLayer"): "hand-off hook on a layer's (hidden, residual)",
     # Processor seams.
