@@ -163,6 +163,34 @@ def test_kept_tokens_and_the_text_after_keep_their_unpruned_3d_positions(engine)
     assert all(torch.equal(p, f) for p, f in zip(pruned_decode, full_decode))
 
 
+def test_the_engine_allocates_kv_blocks_for_the_kept_tokens_only(engine):
+    """The scheduler's own block pool, read while the request's prefill runs (a layer-0 hook,
+    with every block of the prompt allocated): a pruned prompt holds a fraction of them."""
+    from vllm import SamplingParams
+
+    model = engine.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    manager = engine.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager
+    usage = []
+    handle = model.language_model.model.layers[0].register_forward_pre_hook(
+        lambda module, args: usage.append(manager.block_pool.get_num_free_blocks()))
+    prompt = {"prompt": PROMPT, "multi_modal_data": {"image": synthetic_image(1344, 896, seed=72)}}
+    try:
+        used = {}
+        for keep in (1.0, 0.111):
+            engine.reset_prefix_cache()
+            free_before = manager.block_pool.get_num_free_blocks()
+            usage.clear()
+            params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={"visual_keep": keep})
+            out = engine.generate([prompt], params, use_tqdm=False)[0]
+            used[keep] = (free_before - min(usage), len(out.prompt_token_ids))
+    finally:
+        handle.remove()
+    block = engine.llm_engine.vllm_config.cache_config.block_size
+    (full_blocks, full_tokens), (pruned_blocks, pruned_tokens) = used[1.0], used[0.111]
+    assert (full_blocks, pruned_blocks) == (-(-full_tokens // block), -(-pruned_tokens // block)), (used, block)
+    assert pruned_blocks < full_blocks / 3, used
+
+
 def test_kept_image_rows_carry_their_own_deepstack_features(engine):
     """Qwen3-VL adds the vision tower's deepstack features to the image rows after the first
     decoder layers: a pruned prompt's rows get exactly the kept tokens' features."""
