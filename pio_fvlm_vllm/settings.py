@@ -119,10 +119,12 @@ class PioFvlmSettings(BaseSettings):
         description="Where the proxy loss reads layer K: the last prompt token, or the 4 "
         "positions before it (the authors' code).",
     )
-    saliency: Literal["grad_x_input", "grad_norm"] = Field(
+    saliency: Literal["grad_x_normed", "grad_x_input", "grad_norm"] = Field(
         "grad_x_input",
-        description="grad_x_input: |<dL/dx_i, x_i>|, the first-order loss change when token i is "
-        "removed. grad_norm: ||dL/dx_i||.",
+        description="grad_x_normed: |<dL/dn_i, n_i>| at the normed input n_i of layer K, the "
+        "first-order loss change when token i leaves layer K's attention (needs backprop_layers "
+        "1). grad_x_input: |<dL/dx_i, x_i>| at the residual-stream input (zero but for the "
+        "RMSNorm epsilon; kept for comparison). grad_norm: ||dL/dx_i||.",
     )
     handoff_layer: int | None = Field(
         None,
@@ -162,6 +164,13 @@ class PioFvlmSettings(BaseSettings):
         if isinstance(values, dict) and values.get("scoring") == "official":
             return {**OFFICIAL_SCORING, **values}
         return values
+
+    @model_validator(mode="after")
+    def _normed_is_layer_local(self) -> "PioFvlmSettings":
+        if self.saliency == "grad_x_normed" and self.backprop_layers != 1:
+            raise ValueError(f"saliency grad_x_normed ({ENV_PREFIX}SALIENCY) needs backprop_layers "
+                             f"({ENV_PREFIX}BACKPROP_LAYERS) 1, got {self.backprop_layers}")
+        return self
 
     @field_validator("visual_keep", mode="before")
     @classmethod

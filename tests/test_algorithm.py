@@ -216,3 +216,35 @@ def test_inclusive_nms_suppresses_at_exactly_the_threshold():
     # Token 1 duplicates token 0 (similarity exactly 1.0): only >= suppresses it.
     assert nms_select(scores, features, [2], 1.0, inclusive=True)[0].tolist() == [0, 2]
     assert nms_select(scores, features, [2], 1.0)[0].tolist() == [0, 1]
+
+
+def test_length_batches_cover_every_sequence_once_and_bound_the_padding():
+    import random
+
+    from pio_fvlm_vllm.algorithm.select import length_batches
+
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = [rng.randint(1, 3000) for _ in range(rng.randint(1, 12))]
+        batches = length_batches(lengths, max_padding=0.1)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        for b in batches:
+            longest = max(lengths[i] for i in b)
+            assert len(b) == 1 or 1 - sum(lengths[i] for i in b) / (longest * len(b)) <= 0.1
+    assert length_batches([2880, 2880, 1500, 2880]) == [[0, 1, 3], [2]]  # 12% padding with it
+    assert length_batches([2880, 2880, 2160, 2880]) == [[0, 1, 3, 2]]  # 6%
+    assert length_batches([100, 100, 100], max_padding=0.0) == [[0, 1, 2]]
+
+
+def test_mixed_lengths_select_as_each_context_alone(proxy):
+    from pio_fvlm_vllm.algorithm import ImageContext, select_tokens
+    from pio_fvlm_vllm.settings import PioFvlmSettings
+
+    g = torch.Generator().manual_seed(5)
+    contexts = [ImageContext(torch.randn(n, 32, generator=g, dtype=torch.float64),
+                             torch.randn(3, 32, generator=g, dtype=torch.float64),
+                             torch.randn(4, 32, generator=g, dtype=torch.float64)) for n in (40, 12, 39, 25)]
+    budgets = [5, 3, 6, 4]
+    together = select_tokens(proxy, contexts, budgets, PioFvlmSettings())
+    for ctx, k, kept in zip(contexts, budgets, together):
+        assert torch.equal(kept, select_tokens(proxy, [ctx], [k], PioFvlmSettings())[0])

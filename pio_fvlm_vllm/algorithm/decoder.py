@@ -256,8 +256,10 @@ def decoder_layer_at(
     sin: torch.Tensor,
     at: torch.Tensor,
     tp_group=None,
+    normed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x: (B, L, D), at: (B, P) positions -> (B, P, D): the layer's output at those positions only.
+    `normed`: rms_norm(x, w.input_norm), when the caller holds it (a gradient leaf, say).
 
     Exactly `decoder_layer(...)[b, at[b]]` up to rounding, at a fraction of the cost: every
     position still contributes its key, but only P queries attend and P tokens run the MLP.
@@ -272,7 +274,9 @@ def decoder_layer_at(
     heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
     groups = heads // kv_heads
     rows = torch.arange(bsz, device=x.device)[:, None]
-    h = _copy_to_tp(rms_norm(x, w.input_norm, shape.rms_norm_eps), tp_group)  # (B, L, D)
+    if normed is None:
+        normed = rms_norm(x, w.input_norm, shape.rms_norm_eps)
+    h = _copy_to_tp(normed, tp_group)  # (B, L, D)
     q = _head_norm(F.linear(h[rows, at], w.q_proj, w.q_bias).view(bsz, num, heads, head_dim), w.q_norm,
                    shape).transpose(1, 2)
     k = _head_norm(F.linear(h, w.k_proj, w.k_bias).view(bsz, seq, kv_heads, head_dim), w.k_norm, shape).transpose(1, 2)

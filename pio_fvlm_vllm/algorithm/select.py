@@ -55,23 +55,42 @@ def select(
             result[i] = torch.arange(n, device=ctx.image_embeds.device)
         else:
             todo.append(i)
-    if todo:
+    for batch in length_batches([contexts[i].length for i in todo]):
+        ids = [todo[j] for j in batch]
         sal = gradient_saliency(
             weights,
-            [contexts[i] for i in todo],
+            [contexts[i] for i in ids],
             backprop_layers=settings.backprop_layers,
             loss_kind=settings.proxy_loss,
             reduction=settings.saliency,
             handoff_layer=handoff_layer,
             loss_positions=settings.loss_positions,
         )
-        kept = nms_select(sal.scores, sal.features, [num_keep[i] for i in todo], settings.nms_threshold,
+        kept = nms_select(sal.scores, sal.features, [num_keep[i] for i in ids], settings.nms_threshold,
                           inclusive=settings.nms_inclusive)
-        for j, (i, idx) in enumerate(zip(todo, kept)):
+        for j, (i, idx) in enumerate(zip(ids, kept)):
             result[i] = idx
             if sal.handoff_states is not None:
                 states[i] = sal.handoff_states[j]
     return Selection(result, states)  # type: ignore[arg-type]
+
+
+def length_batches(lengths: list[int], max_padding: float = 0.1) -> list[list[int]]:
+    """Indices into `lengths` grouped into proxy batches, each padded to its longest sequence
+    with at most `max_padding` of its token slots wasted on padding (attention, quadratic in
+    length, wastes more). Longest first; a sequence alone is always a batch."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        batch = batches[-1] if batches else None
+        if batch is not None:
+            longest = lengths[batch[0]]
+            used = sum(lengths[j] for j in batch) + lengths[i]
+            if 1 - used / (longest * (len(batch) + 1)) <= max_padding:
+                batch.append(i)
+                continue
+        batches.append([i])
+    return batches
 
 
 def _check_budgets(contexts: list[ImageContext], num_keep: list[int]) -> None:

@@ -1,0 +1,125 @@
+"""Saliency reductions compared: accuracy in the served placement, and how much of each score
+survives reduced precision.
+
+For each `saliency` setting: accuracy of the plugin's placement (pruned before layer 0,
+original positions, hand-off) at each keep on a validation split (scenes neither trained on nor
+in the test split) and on the test split, and the rank correlation of the scores computed in
+float32 and bfloat16 with the same scores in float64 (the proxy on a GPU runs in the model's
+dtype, usually bfloat16).
+
+    .venv/bin/python -m benchmarks.quality.reductions --scenes 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from pio_fvlm_vllm.algorithm import ImageContext
+from pio_fvlm_vllm.algorithm.decoder import DecoderLayerWeights, ProxyWeights
+from pio_fvlm_vllm.algorithm.saliency import gradient_saliency
+from pio_fvlm_vllm.reference.hf import HFReference
+from pio_fvlm_vllm.settings import PioFvlmSettings
+
+from ..common import BenchmarkParser, progress, write_result
+from .evaluate import Methods, answer_token_ids, prompt
+from .task import TEST_SEEDS, make_example
+
+VALIDATION_SEEDS = range(TEST_SEEDS.stop, TEST_SEEDS.stop + 400)  # above the training draws, after the test split
+REDUCTIONS = ("grad_x_normed", "grad_x_input", "grad_norm")
+
+
+def _cast(weights: ProxyWeights, dtype: torch.dtype) -> ProxyWeights:
+    def layer(w: DecoderLayerWeights) -> DecoderLayerWeights:
+        return DecoderLayerWeights(**{f.name: None if getattr(w, f.name) is None else getattr(w, f.name).to(dtype)
+                                      for f in dataclasses.fields(w)})
+
+    return ProxyWeights(weights.shape, [layer(w) for w in weights.layers], weights.final_norm.to(dtype),
+                        weights.lm_head.to(dtype))
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    return x.argsort().argsort().double()
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([_ranks(a), _ranks(b)]))[0, 1])
+
+
+def image_context(p) -> ImageContext:
+    (start, end), = p.image_spans
+    return ImageContext(p.embeds[start:end], p.embeds[:start], p.embeds[end:])
+
+
+def main() -> None:
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    ap = BenchmarkParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, default=Path(__file__).parent / "checkpoint")
+    ap.add_argument("--scenes", type=int, default=400)
+    ap.add_argument("--keeps", type=float, nargs="+", default=[0.111, 0.05])
+    ap.add_argument("--proxy-layer", type=int, default=2)
+    ap.add_argument("--name", default="saliency_reductions")
+    args = ap.parse_args()
+    model = LlavaNextForConditionalGeneration.from_pretrained(args.checkpoint, dtype=torch.float32,
+                                                              attn_implementation="sdpa")
+    processor = AutoProcessor.from_pretrained(args.checkpoint)
+    ids = answer_token_ids(processor.tokenizer)
+    refs = {r: HFReference(model, processor, PioFvlmSettings(proxy_layer=args.proxy_layer, saliency=r))
+            for r in REDUCTIONS}
+    proxy = refs[REDUCTIONS[0]].proxy
+    low = {torch.float64: _cast(proxy, torch.float64), torch.bfloat16: _cast(proxy, torch.bfloat16)}
+    splits = {"validation": list(VALIDATION_SEEDS)[: args.scenes], "test": list(TEST_SEEDS)[: args.scenes]}
+    correct = {(s, r, k): 0 for s in splits for r in REDUCTIONS for k in args.keeps}
+    full_correct = {s: 0 for s in splits}
+    rho = {(r, d): [] for r in REDUCTIONS for d in ("float32", "bfloat16")}
+    start = time.perf_counter()
+    for split, seeds in splits.items():
+        for i, seed in enumerate(seeds):
+            ex = make_example(seed)
+            p = refs[REDUCTIONS[0]].prepare(prompt(ex.question), [ex.image], add_special_tokens=False)
+            full_correct[split] += int(refs[REDUCTIONS[0]].last_logits(p, None).argmax()) == ids[ex.answer]
+            for r in REDUCTIONS:
+                methods = Methods(refs[r])
+                for keep in args.keeps:
+                    correct[split, r, keep] += int(methods.pio_fvlm_served(p, keep).argmax()) == ids[ex.answer]
+                if split == "validation":
+                    ctx = image_context(p)
+                    exact = gradient_saliency(low[torch.float64], [_as(ctx, torch.float64)], reduction=r).scores[0]
+                    f32 = gradient_saliency(proxy, [ctx], reduction=r).scores[0]
+                    bf16 = gradient_saliency(low[torch.bfloat16], [_as(ctx, torch.bfloat16)], reduction=r).scores[0]
+                    rho[r, "float32"].append(spearman(f32.double(), exact))
+                    rho[r, "bfloat16"].append(spearman(bf16.double(), exact))
+            if (i + 1) % 50 == 0:
+                progress(f"{split}: {i + 1}/{len(seeds)} scenes ({time.perf_counter() - start:.0f}s)")
+    n = args.scenes
+    rows = [f"| {r} | " + " | ".join(f"{100 * correct[s, r, k] / n:.1f}%" for s in splits for k in args.keeps)
+            + f" | {sum(rho[r, 'float32']) / n:.3f} | {sum(rho[r, 'bfloat16']) / n:.3f} |" for r in REDUCTIONS]
+    head = " | ".join(f"{s} keep {k}" for s in splits for k in args.keeps)
+    body = "\n".join([
+        f"The quality harness's checkpoint, K = {args.proxy_layer}, the plugin's placement (pruned before layer 0, "
+        f"original positions, hand-off after layer 1), {n} scenes per split: validation (seeds "
+        f"{VALIDATION_SEEDS.start}+, neither trained on nor in the test split) and test (the held-out split of "
+        f"`evaluate.py`). Full-token accuracy: validation {100 * full_correct['validation'] / n:.1f}%, test "
+        f"{100 * full_correct['test'] / n:.1f}%. One cell's binomial standard error is about 1.5%. Last two "
+        "columns: mean Spearman correlation over the validation scenes between the scores computed in that "
+        "dtype and the same scores in float64.",
+        "",
+        f"| saliency | {head} | rank corr. float32 vs float64 | rank corr. bfloat16 vs float64 |",
+        "|---|" + "---:|" * (len(splits) * len(args.keeps) + 2),
+        *rows,
+        "",
+    ])
+    write_result(f"{args.name}.md", "Saliency reductions", body)
+
+
+def _as(ctx: ImageContext, dtype: torch.dtype) -> ImageContext:
+    return ImageContext(ctx.image_embeds.to(dtype), ctx.prefix_embeds.to(dtype), ctx.suffix_embeds.to(dtype))
+
+
+if __name__ == "__main__":
+    main()
