@@ -107,6 +107,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layers-measured", type=int, default=None,
                    help="time this many prefill layers and scale to the full depth")
+    p.add_argument("--mixed", type=int, nargs="*", default=[2340, 2328, 2928, 2376, 2340, 2340, 2328, 2928],
+                   help="image tokens of one engine step's images (default: the serving benchmark's sizes "
+                        "at concurrency 8), selected together at K = the default proxy layer")
     p.add_argument("--out", default=None, help="results file name in benchmarks/results/")
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -147,6 +150,8 @@ def main(argv=None):
             rows.append((n, k, k_keep, t["full"] * scale, t["pruned"] * scale, t["selection"], t["saliency"],
                          t["nms"], ops.count))
 
+    mixed_lines = _mixed_batch(args, weights, hidden, device, dtype, settings) if args.mixed else []
+
     scaled = "" if measured == depth else f" (each prefill: {measured} layers timed, scaled to {depth})"
     lines = [f"Shape `{args.shape}` ({depth} layers, hidden {hidden}), {args.dtype} on {args.device}, "
              f"{args.text} text tokens, keep {args.keep}; best of {args.repeats}{scaled}.", "",
@@ -158,9 +163,45 @@ def main(argv=None):
         lines.append(f"| {n} | {k} | {kept} | {tf:.3f} | {tp:.3f} | {ts:.3f} | {tsal:.3f} | {tnms * 1e3:.1f} ms | "
                      f"{ops} | {tnms / ts:.1%} | {ts / tf:.1%} | {ts / tp:.1%} | {tf / (tp + ts):.2f}x | "
                      f"{tf / tp:.2f}x |")
-    body = "\n".join(lines)
+    body = "\n".join(lines + mixed_lines)
     print(body)
     write_result(args.out or f"selection_cost_{args.shape}_{args.device}.md", "Selection cost vs prefill", body)
+
+
+def _mixed_batch(args, weights: ProxyWeights, hidden: int, device, dtype, settings) -> list[str]:
+    """One engine step's images of different sizes: one padded proxy batch, the length batches
+    `select` forms, and one image at a time."""
+    from pio_fvlm_vllm.algorithm.select import length_batches
+    from pio_fvlm_vllm.settings import default_proxy_layer
+
+    k = default_proxy_layer(SHAPES[args.shape][4])
+    proxy = ProxyWeights(weights.shape, weights.layers[:k], weights.final_norm, weights.lm_head)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    contexts = [ImageContext(torch.randn(n, hidden, generator=g).to(device, dtype),
+                             torch.randn(args.text // 4, hidden, generator=g).to(device, dtype),
+                             torch.randn(args.text - args.text // 4, hidden, generator=g).to(device, dtype))
+                for n in args.mixed]
+    budgets = [budget(n, args.keep) for n in args.mixed]
+
+    def padded():
+        sal = gradient_saliency(proxy, contexts, backprop_layers=settings.backprop_layers,
+                                reduction=settings.saliency)
+        return nms_select(sal.scores, sal.features, budgets, settings.nms_threshold, inclusive=settings.nms_inclusive)
+
+    progress(f"{len(contexts)} images of {sorted(set(args.mixed))} tokens: padded, length batches, one at a time")
+    t = timed_in_turn({
+        "padded": padded,
+        "batches": lambda: select_tokens(proxy, contexts, budgets, settings),
+        "single": lambda: [select_tokens(proxy, [c], [b], settings) for c, b in zip(contexts, budgets)],
+    }, device, args.repeats)
+    groups = length_batches([c.length for c in contexts])
+    return ["", f"One engine step's images selected together (K = {k}; image tokens {args.mixed}): one batch padded "
+            f"to the longest, the length batches `select` forms ({len(groups)} batches: "
+            f"{[[args.mixed[i] for i in b] for b in groups]}), and one image at a time.", "",
+            "| images | one padded batch s | length batches s | one at a time s | length batches vs padded |",
+            "|---:|---:|---:|---:|---:|",
+            f"| {len(contexts)} | {t['padded']:.3f} | {t['batches']:.3f} | {t['single']:.3f} | "
+            f"{t['padded'] / t['batches']:.2f}x |"]
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The proxy's backward through tensor-parallel shards, on 2 gloo processes."""
 
+import dataclasses
 import os
 import socket
 
@@ -32,40 +33,67 @@ def shard(full: ProxyWeights, rank: int, world: int, group) -> ProxyWeights:
         input_norm=w.input_norm, post_norm=w.post_norm,
         q_proj=rows(w.q_proj, h_per * hd), k_proj=rows(w.k_proj, kv_per * hd), v_proj=rows(w.v_proj, kv_per * hd),
         o_proj=cols(w.o_proj, h_per * hd), gate_proj=rows(w.gate_proj, inter_per),
-        up_proj=rows(w.up_proj, inter_per), down_proj=cols(w.down_proj, inter_per)) for w in full.layers]
-    shape = DecoderShape(s.hidden_size, h_per, kv_per, hd, s.rms_norm_eps, s.rope_theta)
+        up_proj=rows(w.up_proj, inter_per), down_proj=cols(w.down_proj, inter_per),
+        q_norm=w.q_norm, k_norm=w.k_norm) for w in full.layers]  # per-head norms: every rank holds them whole
+    shape = dataclasses.replace(s, num_heads=h_per, num_kv_heads=kv_per)
     return ProxyWeights(shape, layers, full.final_norm, full.lm_head, tp_group=group)
 
 
-def _worker(rank, port, backprop_layers, queue):
+def _qwen3_proxy() -> ProxyWeights:
+    """random_proxy with Qwen3-VL's pieces: per-head query/key norms, interleaved multimodal rotary."""
+    base = random_proxy()
+    g = torch.Generator().manual_seed(3)
+    layers = [dataclasses.replace(w, q_norm=1 + 0.1 * torch.randn(8, generator=g, dtype=torch.float64),
+                                  k_norm=1 + 0.1 * torch.randn(8, generator=g, dtype=torch.float64))
+              for w in base.layers]
+    shape = dataclasses.replace(base.shape, mrope_section=(2, 1, 1), mrope_interleaved=True)
+    return ProxyWeights(shape, layers, base.final_norm, base.lm_head)
+
+
+def _qwen3_context(n: int, grid, seed: int):
+    ctx = _context(n=n, seed=seed)
+    deepstack = torch.randn(3, n, ctx.image_embeds.shape[1], generator=torch.Generator().manual_seed(seed),
+                            dtype=ctx.image_embeds.dtype)
+    return dataclasses.replace(ctx, grid=grid, deepstack=deepstack)
+
+
+FAMILIES = {
+    "llama": (random_proxy, lambda: [_context(seed=7), _context(n=9, seed=8)]),
+    "qwen3-vl": (_qwen3_proxy, lambda: [_qwen3_context(12, (1, 3, 4), 7), _qwen3_context(9, (1, 3, 3), 8)]),
+}
+
+
+def _worker(rank, port, backprop_layers, family, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        proxy = shard(random_proxy(), rank, WORLD, dist.group.WORLD)
-        sal = gradient_saliency(proxy, [_context(seed=7), _context(n=9, seed=8)], backprop_layers=backprop_layers)
-        queue.put((rank, sal.scores))
+        make_proxy, make_contexts = FAMILIES[family]
+        proxy = shard(make_proxy(), rank, WORLD, dist.group.WORLD)
+        sal = gradient_saliency(proxy, make_contexts(), backprop_layers=backprop_layers)
+        # Plain values: a tensor would travel by a file descriptor this process may close first.
+        queue.put((rank, sal.scores.tolist()))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backprop_layers", [1, 2])
-def test_sharded_saliency_equals_single_process(backprop_layers):
+@pytest.mark.parametrize("backprop_layers, family", [(1, "llama"), (2, "llama"), (1, "qwen3-vl")])
+def test_sharded_saliency_equals_single_process(backprop_layers, family):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, port, backprop_layers, queue)) for r in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=(r, port, backprop_layers, family, queue)) for r in range(WORLD)]
     for p in procs:
         p.start()
     results = dict(queue.get(timeout=120) for _ in procs)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    expected = gradient_saliency(random_proxy(), [_context(seed=7), _context(n=9, seed=8)],
-                                 backprop_layers=backprop_layers).scores
+    make_proxy, make_contexts = FAMILIES[family]
+    expected = gradient_saliency(make_proxy(), make_contexts(), backprop_layers=backprop_layers).scores
     for rank in range(WORLD):
-        torch.testing.assert_close(results[rank], expected, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(torch.tensor(results[rank], dtype=expected.dtype), expected, rtol=1e-9, atol=1e-12)
 
 
 def _agreement_worker(rank, port, failing_rank, phase, queue):
