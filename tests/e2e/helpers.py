@@ -116,3 +116,28 @@ def assert_keep_one_and_no_keep_match_stock(client, stock_client, model, msgs) -
         ours = chat(client, model, msgs, keep, logprobs=True, max_tokens=8, extra={"cache_salt": salt})
         assert ours.usage.prompt_tokens == theirs.usage.prompt_tokens
         assert token_logprobs(ours) == token_logprobs(theirs)
+
+
+def family_fixtures(args: list[str]):
+    """A family module's `stock_server` (stock vLLM on the module's `checkpoint` with `args`),
+    `client` (on the module's plugin `server`) and `model` (the served name) fixtures:
+    `stock_server, client, model = family_fixtures(ARGS)`."""
+    import pytest
+
+    from pio_fvlm_vllm.serving import VllmServer
+
+    @pytest.fixture(scope="module")
+    def stock_server(checkpoint, tmp_path_factory):
+        log = tmp_path_factory.mktemp("logs") / f"{checkpoint.name}-stock.log"
+        with VllmServer(checkpoint, plugin=False, args=args, log_path=log) as srv:
+            yield srv
+
+    @pytest.fixture(scope="module")
+    def client(server):
+        return openai_client(server)
+
+    @pytest.fixture(scope="module")
+    def model(checkpoint):
+        return str(checkpoint)
+
+    return stock_server, client, model

@@ -10,7 +10,7 @@ from pio_fvlm_vllm.budget import budget
 from pio_fvlm_vllm.serving import VllmServer, fetch_metrics, metric_value
 
 from .helpers import (HEADER, QUESTION_A, QUESTION_B, assert_b_after_a_equals_b_alone,
-                      assert_keep_one_and_no_keep_match_stock, chat, image_token_counts, messages,
+                      assert_keep_one_and_no_keep_match_stock, chat, family_fixtures, image_token_counts, messages,
                       openai_client, post_chat)
 
 N = 576  # (336 / 14)^2 patches, the CLS token dropped
@@ -38,25 +38,7 @@ def server(checkpoint, tmp_path_factory):
     assert not list(tmp.glob("pio_fvlm_*")), list(tmp.iterdir())
 
 
-@pytest.fixture(scope="module")
-def stock_server(checkpoint, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / "llava-1.5-stock.log"
-    with VllmServer(checkpoint, plugin=False, args=ARGS, log_path=log) as srv:
-        yield srv
-
-
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai_client(server)
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-    return str(checkpoint)
-
-
+stock_server, client, model = family_fixtures(ARGS)
 
 
 def _prefill_kv_tokens(srv) -> float:

@@ -13,8 +13,8 @@ from pio_fvlm_vllm.budget import budget
 from pio_fvlm_vllm.images import image_message, synthetic_image
 from pio_fvlm_vllm.serving import VllmServer
 
-from .helpers import (QUESTION_A, assert_b_after_a_equals_b_alone, assert_keep_one_and_no_keep_match_stock,
-                      chat, environment, image_token_counts, messages, openai_client, post_chat)
+from .helpers import (QUESTION_A, assert_b_after_a_equals_b_alone, assert_keep_one_and_no_keep_match_stock, chat,
+                      environment, family_fixtures, image_token_counts, messages, openai_client, post_chat)
 
 ARGS = ["--dtype", "float32", "--max-model-len", "4096", "--enforce-eager", "--generation-config", "vllm",
         "--max-num-batched-tokens", "256", "--seed", "0"]
@@ -34,25 +34,7 @@ def server(checkpoint, tmp_path_factory):
         yield srv
 
 
-@pytest.fixture(scope="module")
-def stock_server(checkpoint, tmp_path_factory):
-    log = tmp_path_factory.mktemp("logs") / f"{checkpoint.name}-stock.log"
-    with VllmServer(checkpoint, plugin=False, args=ARGS, log_path=log) as srv:
-        yield srv
-
-
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai_client(server)
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-    return str(checkpoint)
-
-
+stock_server, client, model = family_fixtures(ARGS)
 
 
 def test_the_checkpoint_is_served_as_its_processor_counts_it(client, model, checkpoint):
