@@ -120,7 +120,7 @@ class PioFvlmSettings(BaseSettings):
         "positions before it (the authors' code).",
     )
     saliency: Literal["grad_x_normed", "grad_x_input", "grad_norm"] = Field(
-        "grad_x_input",
+        "grad_x_normed",
         description="grad_x_normed: |<dL/dn_i, n_i>| at the normed input n_i of layer K, the "
         "first-order loss change when token i leaves layer K's attention (needs backprop_layers "
         "1). grad_x_input: |<dL/dx_i, x_i>| at the residual-stream input (zero but for the "
@@ -168,8 +168,9 @@ class PioFvlmSettings(BaseSettings):
     @model_validator(mode="after")
     def _normed_is_layer_local(self) -> "PioFvlmSettings":
         if self.saliency == "grad_x_normed" and self.backprop_layers != 1:
-            raise ValueError(f"saliency grad_x_normed ({ENV_PREFIX}SALIENCY) needs backprop_layers "
-                             f"({ENV_PREFIX}BACKPROP_LAYERS) 1, got {self.backprop_layers}")
+            raise ValueError(f"saliency grad_x_normed ({ENV_PREFIX}SALIENCY, the default) needs backprop_layers "
+                             f"({ENV_PREFIX}BACKPROP_LAYERS) 1, got {self.backprop_layers}; set "
+                             f"{ENV_PREFIX}SALIENCY to grad_x_input or grad_norm to backpropagate further")
         return self
 
     @field_validator("visual_keep", mode="before")

@@ -6,7 +6,7 @@ import torch
 from pio_fvlm_vllm.algorithm import (
     ImageContext, gradient_saliency, nms_select, select_tokens, visionzip_compress,
 )
-from pio_fvlm_vllm.algorithm.decoder import decoder_layer, rotary_cos_sin
+from pio_fvlm_vllm.algorithm.decoder import decoder_layer, decoder_layer_at, rms_norm, rotary_cos_sin
 from pio_fvlm_vllm.algorithm.saliency import proxy_loss
 from pio_fvlm_vllm.settings import PioFvlmSettings
 
@@ -37,21 +37,48 @@ def _layer_input(proxy, ctx):
     return x
 
 
+def _loss_from_normed(proxy, ctx, h_in, normed, loss_kind):
+    """Loss as a function of the last proxy layer's normed input (its keys' and values' source)."""
+    seq = h_in.shape[1]
+    cos, sin = rotary_cos_sin(torch.arange(seq)[None], proxy.shape.head_dim, proxy.shape.rope_theta, h_in.dtype)
+    out = decoder_layer_at(h_in, proxy.layers[-1], proxy.shape, cos, sin, torch.tensor([[seq - 1]]), normed=normed)
+    return proxy_loss(out[:, 0], proxy, loss_kind)
+
+
 @pytest.mark.parametrize("loss_kind", ["logit_lens", "state"])
-def test_saliency_matches_finite_differences(proxy, loss_kind):
+def test_grad_x_normed_matches_finite_differences(proxy, loss_kind):
+    """|<dL/dn_i, n_i>|: the loss's rate of change as token i's normed input to layer K (what
+    its key and value are read from) is scaled, d/dt L(n + t e_i n_i) at t = 0."""
     ctx = _context()
-    sal = gradient_saliency(proxy, [ctx], loss_kind=loss_kind, reduction="grad_x_input")
+    sal = gradient_saliency(proxy, [ctx], loss_kind=loss_kind, reduction="grad_x_normed")
     h = _layer_input(proxy, ctx).detach()
+    normed = rms_norm(h, proxy.layers[-1].input_norm, proxy.shape.rms_norm_eps)
     start = ctx.prefix_embeds.shape[0]
-    eps = 1e-4
-    # Directional finite difference along each image token's own state: d/dt L(h + t*e_i*h_i).
+    eps = 1e-5
     for i in range(ctx.num_image_tokens):
-        bump = torch.zeros_like(h)
-        bump[0, start + i] = h[0, start + i]
-        lp = _loss_from_layer_input(proxy, ctx, h + eps * bump, loss_kind)
-        lm = _loss_from_layer_input(proxy, ctx, h - eps * bump, loss_kind)
+        bump = torch.zeros_like(normed)
+        bump[0, start + i] = normed[0, start + i]
+        lp = _loss_from_normed(proxy, ctx, h, normed + eps * bump, loss_kind)
+        lm = _loss_from_normed(proxy, ctx, h, normed - eps * bump, loss_kind)
         fd = ((lp - lm) / (2 * eps)).abs().item()
-        assert sal.scores[0, i].item() == pytest.approx(fd, rel=1e-4, abs=1e-9)
+        assert fd > 1e-6
+        assert sal.scores[0, i].item() == pytest.approx(fd, rel=1e-5)
+
+
+def test_grad_x_input_is_only_the_rms_norm_epsilon():
+    """A token reaches layer K's attention through a scale-invariant RMSNorm: |<dL/dx_i, x_i>|
+    vanishes without the norm's epsilon, while the normed-input score does not."""
+    import dataclasses
+
+    from tests.conftest import random_proxy
+
+    base = random_proxy()
+    no_eps = type(base)(dataclasses.replace(base.shape, rms_norm_eps=0.0), base.layers, base.final_norm, base.lm_head)
+    ctx = _context()
+    size = gradient_saliency(no_eps, [ctx], reduction="grad_norm").scores[0] * _layer_input(no_eps, ctx)[
+        0, 3:3 + ctx.num_image_tokens].norm(dim=-1)  # ||g_i|| ||x_i||
+    assert (gradient_saliency(no_eps, [ctx], reduction="grad_x_input").scores[0] < 1e-12 * size).all()
+    assert (gradient_saliency(no_eps, [ctx], reduction="grad_x_normed").scores[0] > 1e-6 * size).all()
 
 
 def test_grad_norm_reduction_matches_autograd(proxy):
@@ -78,7 +105,7 @@ def test_batched_saliency_equals_one_at_a_time(proxy):
 def test_full_backprop_differs_from_layer_local(proxy):
     ctx = _context()
     local = gradient_saliency(proxy, [ctx], backprop_layers=1).scores
-    full = gradient_saliency(proxy, [ctx], backprop_layers=2).scores
+    full = gradient_saliency(proxy, [ctx], backprop_layers=2, reduction="grad_x_input").scores
     assert not torch.allclose(local, full)
     with pytest.raises(ValueError, match="backprop_layers must be in"):
         gradient_saliency(proxy, [ctx], backprop_layers=3)

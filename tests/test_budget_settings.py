@@ -60,7 +60,13 @@ def test_proxy_layer_defaults():
     with pytest.raises(ValueError, match=r"\[1, 3\] .* got 4 \(official scoring runs one more layer\)"):
         PioFvlmSettings(proxy_layer=4, scoring="official").proxy_layer_for(4)
     with pytest.raises(ValueError, match=r"backprop_layers \(PIO_FVLM_BACKPROP_LAYERS\) must be in \[1, 2\]"):
-        PioFvlmSettings(proxy_layer=2, backprop_layers=3).proxy_layer_for(32)
+        PioFvlmSettings(proxy_layer=2, backprop_layers=3, saliency="grad_norm").proxy_layer_for(32)
+    # The default saliency reads layer K's normed input: the gradient stops there.
+    with pytest.raises(ValueError, match=r"grad_x_normed \(PIO_FVLM_SALIENCY, the default\) needs backprop_layers "
+                                         r"\(PIO_FVLM_BACKPROP_LAYERS\) 1, got 2; set PIO_FVLM_SALIENCY to"):
+        PioFvlmSettings.from_env({"PIO_FVLM_BACKPROP_LAYERS": "2"})
+    assert PioFvlmSettings.from_env({"PIO_FVLM_BACKPROP_LAYERS": "2", "PIO_FVLM_SALIENCY": "grad_x_input"}).saliency \
+        == "grad_x_input"
 
 
 def test_paper_budget_is_an_absolute_count():

@@ -5,7 +5,8 @@ For each `saliency` setting: accuracy of the plugin's placement (pruned before l
 original positions, hand-off) at each keep on a validation split (scenes neither trained on nor
 in the test split) and on the test split, and the rank correlation of the scores computed in
 float32 and bfloat16 with the same scores in float64 (the proxy on a GPU runs in the model's
-dtype, usually bfloat16).
+dtype, usually bfloat16); accuracy is given with the proxy in float32 and in bfloat16 (the
+served forward stays float32).
 
     .venv/bin/python -m benchmarks.quality.reductions --scenes 200
 """
@@ -31,6 +32,7 @@ from .task import TEST_SEEDS, make_example
 
 VALIDATION_SEEDS = range(TEST_SEEDS.stop, TEST_SEEDS.stop + 400)  # above the training draws, after the test split
 REDUCTIONS = ("grad_x_normed", "grad_x_input", "grad_norm")
+DTYPES = (torch.float32, torch.bfloat16)  # the proxy's; a GPU runs it in the model's dtype
 
 
 def _cast(weights: ProxyWeights, dtype: torch.dtype) -> ProxyWeights:
@@ -71,24 +73,31 @@ def main() -> None:
                                                               attn_implementation="sdpa")
     processor = AutoProcessor.from_pretrained(args.checkpoint)
     ids = answer_token_ids(processor.tokenizer)
-    refs = {r: HFReference(model, processor, PioFvlmSettings(proxy_layer=args.proxy_layer, saliency=r))
-            for r in REDUCTIONS}
-    proxy = refs[REDUCTIONS[0]].proxy
+    refs = {}
+    for r in REDUCTIONS:
+        for dtype in DTYPES:
+            ref = HFReference(model, processor, PioFvlmSettings(proxy_layer=args.proxy_layer, saliency=r))
+            ref.proxy = _cast(ref.proxy, dtype)  # the proxy alone; the served forward stays float32
+            refs[r, dtype] = ref
+    proxy = refs[REDUCTIONS[0], torch.float32].proxy
     low = {torch.float64: _cast(proxy, torch.float64), torch.bfloat16: _cast(proxy, torch.bfloat16)}
     splits = {"validation": list(VALIDATION_SEEDS)[: args.scenes], "test": list(TEST_SEEDS)[: args.scenes]}
-    correct = {(s, r, k): 0 for s in splits for r in REDUCTIONS for k in args.keeps}
+    variants = [(r, d) for r in REDUCTIONS for d in DTYPES]
+    correct = {(s, v, k): 0 for s in splits for v in variants for k in args.keeps}
     full_correct = {s: 0 for s in splits}
     rho = {(r, d): [] for r in REDUCTIONS for d in ("float32", "bfloat16")}
     start = time.perf_counter()
     for split, seeds in splits.items():
         for i, seed in enumerate(seeds):
             ex = make_example(seed)
-            p = refs[REDUCTIONS[0]].prepare(prompt(ex.question), [ex.image], add_special_tokens=False)
-            full_correct[split] += int(refs[REDUCTIONS[0]].last_logits(p, None).argmax()) == ids[ex.answer]
-            for r in REDUCTIONS:
-                methods = Methods(refs[r])
+            base = refs[REDUCTIONS[0], torch.float32]
+            p = base.prepare(prompt(ex.question), [ex.image], add_special_tokens=False)
+            full_correct[split] += int(base.last_logits(p, None).argmax()) == ids[ex.answer]
+            for v in variants:
+                methods = Methods(refs[v])
                 for keep in args.keeps:
-                    correct[split, r, keep] += int(methods.pio_fvlm_served(p, keep).argmax()) == ids[ex.answer]
+                    correct[split, v, keep] += int(methods.pio_fvlm_served(p, keep).argmax()) == ids[ex.answer]
+            for r in REDUCTIONS:
                 if split == "validation" and i < args.precision_scenes:
                     ctx = image_context(p)
                     exact = gradient_saliency(low[torch.float64], [_as(ctx, torch.float64)], reduction=r).scores[0]
@@ -99,8 +108,10 @@ def main() -> None:
             if (i + 1) % 50 == 0:
                 progress(f"{split}: {i + 1}/{len(seeds)} scenes ({time.perf_counter() - start:.0f}s)")
     n = args.scenes
-    rows = [f"| {r} | " + " | ".join(f"{100 * correct[s, r, k] / n:.1f}%" for s in splits for k in args.keeps)
-            + f" | {_mean(rho[r, 'float32']):.3f} | {_mean(rho[r, 'bfloat16']):.3f} |" for r in REDUCTIONS]
+    rows = [f"| {r} | {str(d).removeprefix('torch.')} | "
+            + " | ".join(f"{100 * correct[s, (r, d), k] / n:.1f}%" for s in splits for k in args.keeps)
+            + (f" | {_mean(rho[r, 'float32']):.3f} | {_mean(rho[r, 'bfloat16']):.3f} |" if d == torch.float32
+               else " | | |") for r, d in variants]
     head = " | ".join(f"{s} keep {k}" for s in splits for k in args.keeps)
     body = "\n".join([
         f"The quality harness's checkpoint, K = {args.proxy_layer}, the plugin's placement (pruned before layer 0, "
@@ -111,8 +122,8 @@ def main() -> None:
         f"columns: mean Spearman correlation, over the first {min(args.precision_scenes, n)} validation scenes, "
         "between the scores computed in that dtype and the same scores in float64.",
         "",
-        f"| saliency | {head} | rank corr. float32 vs float64 | rank corr. bfloat16 vs float64 |",
-        "|---|" + "---:|" * (len(splits) * len(args.keeps) + 2),
+        f"| saliency | proxy dtype | {head} | rank corr. float32 vs float64 | rank corr. bfloat16 vs float64 |",
+        "|---|---|" + "---:|" * (len(splits) * len(args.keeps) + 2),
         *rows,
         "",
     ])

@@ -158,7 +158,7 @@ def gradient_saliency(
     *,
     backprop_layers: int = 1,
     loss_kind: Literal["logit_lens", "state"] = "logit_lens",
-    reduction: Literal["grad_x_normed", "grad_x_input", "grad_norm"] = "grad_x_input",
+    reduction: Literal["grad_x_normed", "grad_x_input", "grad_norm"] = "grad_x_normed",
     handoff_layer: int = 0,
     loss_positions: LossPositions = "last",
 ) -> Saliency:
