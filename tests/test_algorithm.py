@@ -261,6 +261,8 @@ def test_length_batches_cover_every_sequence_once_and_bound_the_padding():
     assert length_batches([2880, 2880, 1500, 2880]) == [[0, 1, 3], [2]]  # 12% padding with it
     assert length_batches([2880, 2880, 2160, 2880]) == [[0, 1, 3, 2]]  # 6%
     assert length_batches([100, 100, 100], max_padding=0.0) == [[0, 1, 2]]
+    assert length_batches([100, 100, 100], max_batch=2) == [[0, 1], [2]]
+    assert length_batches([100, 100, 100], max_batch=1) == [[0], [1], [2]]
 
 
 def test_mixed_lengths_select_as_each_context_alone(proxy):

@@ -55,7 +55,10 @@ def select(
             result[i] = torch.arange(n, device=ctx.image_embeds.device)
         else:
             todo.append(i)
-    for batch in length_batches([contexts[i].length for i in todo]):
+    on_cpu = bool(todo) and contexts[todo[0]].image_embeds.device.type == "cpu"
+    # A CPU runs one sequence at a time fastest (measured: 8 mixed images one at a time 1.2x
+    # faster than in length batches, 1.5x faster than in one padded batch); accelerators batch.
+    for batch in length_batches([contexts[i].length for i in todo], max_batch=1 if on_cpu else None):
         ids = [todo[j] for j in batch]
         sal = gradient_saliency(
             weights,
@@ -75,15 +78,16 @@ def select(
     return Selection(result, states)  # type: ignore[arg-type]
 
 
-def length_batches(lengths: list[int], max_padding: float = 0.1) -> list[list[int]]:
-    """Indices into `lengths` grouped into proxy batches, each padded to its longest sequence
-    with at most `max_padding` of its token slots wasted on padding (attention, quadratic in
-    length, wastes more). Longest first; a sequence alone is always a batch."""
+def length_batches(lengths: list[int], max_padding: float = 0.1, max_batch: int | None = None) -> list[list[int]]:
+    """Indices into `lengths` grouped into proxy batches of at most `max_batch`, each padded to
+    its longest sequence with at most `max_padding` of its token slots wasted on padding
+    (attention, quadratic in length, wastes more). Longest first; a sequence alone is always a
+    batch."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     for i in order:
         batch = batches[-1] if batches else None
-        if batch is not None:
+        if batch is not None and (max_batch is None or len(batch) < max_batch):
             longest = lengths[batch[0]]
             used = sum(lengths[j] for j in batch) + lengths[i]
             if 1 - used / (longest * (len(batch) + 1)) <= max_padding:
