@@ -63,13 +63,19 @@ FAMILIES = {
 }
 
 
+def _reduction(backprop_layers: int) -> str:
+    # The default (gradient at layer K's normed input) is layer-local only.
+    return "grad_x_normed" if backprop_layers == 1 else "grad_x_input"
+
+
 def _worker(rank, port, backprop_layers, family, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         make_proxy, make_contexts = FAMILIES[family]
         proxy = shard(make_proxy(), rank, WORLD, dist.group.WORLD)
-        sal = gradient_saliency(proxy, make_contexts(), backprop_layers=backprop_layers)
+        sal = gradient_saliency(proxy, make_contexts(), backprop_layers=backprop_layers,
+                                reduction=_reduction(backprop_layers))
         # Plain values: a tensor would travel by a file descriptor this process may close first.
         queue.put((rank, sal.scores.tolist()))
     finally:
@@ -91,7 +97,8 @@ def test_sharded_saliency_equals_single_process(backprop_layers, family):
         p.join(timeout=60)
         assert p.exitcode == 0
     make_proxy, make_contexts = FAMILIES[family]
-    expected = gradient_saliency(make_proxy(), make_contexts(), backprop_layers=backprop_layers).scores
+    expected = gradient_saliency(make_proxy(), make_contexts(), backprop_layers=backprop_layers,
+                                 reduction=_reduction(backprop_layers)).scores
     for rank in range(WORLD):
         torch.testing.assert_close(torch.tensor(results[rank], dtype=expected.dtype), expected, rtol=1e-9, atol=1e-12)
 
