@@ -8,6 +8,8 @@ and the proxy adds them after its early layers as the served model does.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLDummyInputsBuilder,
@@ -61,11 +63,9 @@ class PioFvlmQwen3VLForConditionalGeneration(QwenVLModel, PioFvlmModel, Qwen3VLF
 
     def _image_context(self, image: torch.Tensor, ctx: PromptContext,
                        grid: tuple[int, int, int] | None = None) -> ImageContext:
-        main = image[:, : self.visual_dim]
-        deepstack = None
-        if self.use_deepstack:
-            # (N, levels * D) -> (levels, N, D)
-            deepstack = image[:, self.visual_dim:].view(image.shape[0], self.deepstack_num_level, -1).transpose(0, 1)
-        return ImageContext(image_embeds=main, prefix_embeds=self._embed_text(ctx.prefix_ids, image.device),
-                            suffix_embeds=self._embed_text(ctx.suffix_ids, image.device), grid=grid,
-                            deepstack=deepstack)
+        context = super()._image_context(image[:, : self.visual_dim], ctx, grid)
+        if not self.use_deepstack:
+            return context
+        # (N, levels * D) -> (levels, N, D), a view
+        deepstack = image[:, self.visual_dim:].view(image.shape[0], self.deepstack_num_level, -1).transpose(0, 1)
+        return dataclasses.replace(context, deepstack=deepstack)
