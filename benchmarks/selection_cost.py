@@ -45,11 +45,16 @@ def random_weights(shape_name: str, num_layers: int, device, dtype) -> ProxyWeig
         return (torch.randn(*s, generator=g) * 0.02).to(device, dtype)
 
     hd = hidden // heads
-    layers = [DecoderLayerWeights(
-        input_norm=torch.ones(hidden, device=device, dtype=dtype), q_proj=r(heads * hd, hidden),
-        k_proj=r(kv * hd, hidden), v_proj=r(kv * hd, hidden), o_proj=r(hidden, heads * hd),
-        post_norm=torch.ones(hidden, device=device, dtype=dtype), gate_proj=r(inter, hidden),
-        up_proj=r(inter, hidden), down_proj=r(hidden, inter)) for _ in range(num_layers)]
+
+    def layer() -> DecoderLayerWeights:
+        qkv = r((heads + 2 * kv) * hd, hidden)  # stacked, as vLLM holds it
+        q, k, v = qkv.split([heads * hd, kv * hd, kv * hd])
+        return DecoderLayerWeights(
+            input_norm=torch.ones(hidden, device=device, dtype=dtype), q_proj=q, k_proj=k, v_proj=v,
+            o_proj=r(hidden, heads * hd), post_norm=torch.ones(hidden, device=device, dtype=dtype),
+            gate_proj=r(inter, hidden), up_proj=r(inter, hidden), down_proj=r(hidden, inter), qkv_proj=qkv)
+
+    layers = [layer() for _ in range(num_layers)]
     return ProxyWeights(DecoderShape(hidden, heads, kv, hd), layers,
                         torch.ones(hidden, device=device, dtype=dtype), r(vocab, hidden))
 

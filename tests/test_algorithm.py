@@ -277,3 +277,66 @@ def test_mixed_lengths_select_as_each_context_alone(proxy):
     together = select_tokens(proxy, contexts, budgets, PioFvlmSettings())
     for ctx, k, kept in zip(contexts, budgets, together):
         assert torch.equal(kept, select_tokens(proxy, [ctx], [k], PioFvlmSettings())[0])
+
+
+@pytest.mark.parametrize("variant", ["llama", "qkv_bias", "qk_norm_and_bias"])
+@pytest.mark.parametrize("which", ["last", "four_before_last"])
+def test_normed_input_products_equal_autograd_through_the_layer(variant, which):
+    """The closed form of <dL/dn_i, n_i> (value, key and query paths) equals autograd through
+    `decoder_layer_at` with the normed input as the leaf: GQA, q/k/v biases, per-head q/k norms,
+    right-padded batches, and loss rows that fall on image tokens or repeat (a one-token prompt
+    tail clamps four_before_last to position 0)."""
+    import dataclasses
+
+    from pio_fvlm_vllm.algorithm.decoder import normed_input_saliency_at
+    from pio_fvlm_vllm.algorithm.saliency import _pack, loss_rows
+
+    from .conftest import random_proxy
+
+    proxy = random_proxy(bias=variant != "llama")
+    layer = proxy.layers[-1]
+    if variant == "qk_norm_and_bias":
+        g = torch.Generator().manual_seed(7)
+        head_dim = proxy.shape.head_dim
+        layer = dataclasses.replace(layer, q_norm=1 + 0.3 * torch.randn(head_dim, generator=g, dtype=torch.float64),
+                                    k_norm=1 + 0.3 * torch.randn(head_dim, generator=g, dtype=torch.float64))
+    contexts = [_context(n=12, seed=1), _context(n=3, p=0, s=1, seed=2), _context(n=9, p=2, s=2, seed=3)]
+    x, lengths = _pack(contexts, torch.float64)
+    x = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    cos, sin = rotary_cos_sin(torch.arange(x.shape[1]).expand(len(contexts), -1), proxy.shape.head_dim,
+                              proxy.shape.rope_theta, x.dtype)
+    at = loss_rows(lengths, which, x.device)
+    if which == "four_before_last":
+        assert at[1].tolist() == [0, 0, 1, 2]  # a repeated row, and rows on the image
+
+    def loss_of(states):
+        return proxy_loss(states.flatten(0, 1), proxy, "logit_lens") / at.shape[1]
+
+    got = normed_input_saliency_at(x, layer, proxy.shape, cos, sin, at, loss_of)
+    normed = rms_norm(x, layer.input_norm, proxy.shape.rms_norm_eps).requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_of(decoder_layer_at(x, layer, proxy.shape, cos, sin, at, normed=normed)),
+                                  normed)
+    expected = (grad * normed.detach()).sum(-1)
+    assert expected.abs().amax() > 1e-3
+    for b, n in enumerate(lengths):  # padding rows: neither path reads them
+        torch.testing.assert_close(got[b, :n], expected[b, :n], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_stacked_qkv_projection_equals_the_three(bias):
+    """vLLM holds q/k/v stacked; the layer then runs one product for the three."""
+    import dataclasses
+
+    from .conftest import random_proxy
+
+    proxy = random_proxy(bias=bias)
+    w = proxy.layers[0]
+    # The separate projections zeroed: the layer must read the stacked ones.
+    stacked = dataclasses.replace(w, q_proj=torch.zeros_like(w.q_proj), k_proj=torch.zeros_like(w.k_proj),
+                                  v_proj=torch.zeros_like(w.v_proj),
+                                  qkv_proj=torch.cat([w.q_proj, w.k_proj, w.v_proj]),
+                                  qkv_bias=torch.cat([w.q_bias, w.k_bias, w.v_bias]) if bias else None)
+    x = torch.randn(2, 9, proxy.shape.hidden_size, dtype=torch.float64)
+    cos, sin = rotary_cos_sin(torch.arange(9).expand(2, -1), proxy.shape.head_dim, proxy.shape.rope_theta, x.dtype)
+    torch.testing.assert_close(decoder_layer(x, stacked, proxy.shape, cos, sin),
+                               decoder_layer(x, w, proxy.shape, cos, sin), rtol=1e-12, atol=1e-12)

@@ -9,6 +9,7 @@ importable) or PyTorch SDPA. Attention weights are never materialised.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -50,6 +51,10 @@ class DecoderLayerWeights:
     # Qwen3: RMSNorm over each head's query and key before the rotary, (Dh,)
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
+    # q/k/v_proj (and their biases) stacked, ((H + 2 Hkv) * Dh, D), where the caller holds them
+    # so (vLLM's qkv_proj): one product over a long sequence instead of three.
+    qkv_proj: torch.Tensor | None = None
+    qkv_bias: torch.Tensor | None = None
 
 
 @dataclass
@@ -218,15 +223,25 @@ def decoder_layer(
     """x: (B, L, D) -> (B, L, D); one pre-norm decoder layer (this rank's shard under TP)."""
     bsz, seq, _ = x.shape
     h = _copy_to_tp(rms_norm(x, w.input_norm, shape.rms_norm_eps), tp_group)
-    q = _head_norm(F.linear(h, w.q_proj, w.q_bias).view(bsz, seq, shape.num_heads, shape.head_dim), w.q_norm, shape)
-    k = _head_norm(F.linear(h, w.k_proj, w.k_bias).view(bsz, seq, shape.num_kv_heads, shape.head_dim), w.k_norm, shape)
-    v = F.linear(h, w.v_proj, w.v_bias).view(bsz, seq, shape.num_kv_heads, shape.head_dim)
+    q, k, v = _project_qkv(h, w, shape)
+    q = _head_norm(q.view(bsz, seq, shape.num_heads, shape.head_dim), w.q_norm, shape)
+    k = _head_norm(k.view(bsz, seq, shape.num_kv_heads, shape.head_dim), w.k_norm, shape)
+    v = v.view(bsz, seq, shape.num_kv_heads, shape.head_dim)
     q = apply_rotary(q.transpose(1, 2), cos, sin)
     k = apply_rotary(k.transpose(1, 2), cos, sin)
     attn = causal_attention(q, k, v.transpose(1, 2))  # (B, H, L, Dh)
     x = _residual(x, _reduce_from_tp(F.linear(attn.transpose(1, 2).reshape(bsz, seq, -1), w.o_proj), tp_group))
     h = _copy_to_tp(rms_norm(x, w.post_norm, shape.rms_norm_eps), tp_group)
     return _residual(x, _reduce_from_tp(_mlp(h, w), tp_group))
+
+
+def _project_qkv(h: torch.Tensor, w: DecoderLayerWeights,
+                 shape: DecoderShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h: (B, L, D) -> queries (B, L, H*Dh), keys and values (B, L, Hkv*Dh)."""
+    if w.qkv_proj is None:
+        return F.linear(h, w.q_proj, w.q_bias), F.linear(h, w.k_proj, w.k_bias), F.linear(h, w.v_proj, w.v_bias)
+    kv_size = shape.num_kv_heads * shape.head_dim
+    return F.linear(h, w.qkv_proj, w.qkv_bias).split([shape.num_heads * shape.head_dim, kv_size, kv_size], dim=-1)
 
 
 def _head_norm(x: torch.Tensor, weight: torch.Tensor | None, shape: DecoderShape) -> torch.Tensor:
@@ -265,34 +280,125 @@ def decoder_layer_at(
     position still contributes its key, but only P queries attend and P tokens run the MLP.
     Values are never projected: a query's attention output for head h is
     W_v[h] (sum_i p_hi * h_i) + b_v[h], so the P attention distributions pool the normed
-    inputs first and the (P, D) pools are projected instead of all L rows. Forward and
-    backward then cost one (L, D) x (D, Hkv*Dh) product each, for the keys. This is all the
-    proxy loss needs from the last proxy layer.
+    inputs first and the (P, D) pools are projected instead of all L rows.
     """
-    bsz, seq, _ = x.shape
-    num = at.shape[1]
-    heads, kv_heads, head_dim = shape.num_heads, shape.num_kv_heads, shape.head_dim
-    groups = heads // kv_heads
-    rows = torch.arange(bsz, device=x.device)[:, None]
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
     if normed is None:
         normed = rms_norm(x, w.input_norm, shape.rms_norm_eps)
     h = _copy_to_tp(normed, tp_group)  # (B, L, D)
-    q = _head_norm(F.linear(h[rows, at], w.q_proj, w.q_bias).view(bsz, num, heads, head_dim), w.q_norm,
+    keys, _ = _keys(h, w, shape, cos, sin)
+    logits = _queries_at(h[rows, at], w, shape, cos, sin, rows, at) @ keys.transpose(-1, -2)
+    probs = _causal_softmax(logits * shape.head_dim**-0.5, at, h.dtype)
+    return _layer_tail(x[rows, at], _pooled_values(probs, h, w, shape), w, shape, tp_group)
+
+
+def normed_input_saliency_at(
+    x: torch.Tensor,
+    w: DecoderLayerWeights,
+    shape: DecoderShape,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    at: torch.Tensor,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    tp_group=None,
+) -> torch.Tensor:
+    """x: (B, L, D), at: (B, P) -> (B, L) float32: <dL/dn_i, n_i> for every position i, where
+    n = rms_norm(x, w.input_norm) and L = loss_of(decoder_layer_at(x, ..., at)) (a scalar).
+
+    The same numbers as autograd through `decoder_layer_at` with n as the leaf, without the
+    backward over all L rows. A token i reaches the P queries through its key and its value
+    only (and its query, where i is one of `at`); its inner product with the gradient splits
+    along those paths:
+    - value: attention pools n_i with weight p_hi, so the term is sum_h p_hi <dL/dpool_h, n_i>
+      = sum_h p_hi dL/dp_hi;
+    - key: sum_h dL/ds_hi <ds_hi/dk_i, dk_i/dt>, with s the scaled logits and dk_i/dt the key's
+      change as n_i is scaled (the key itself when the key map is linear; its norm's and
+      bias's share removed otherwise), which is a logit read through that tangent;
+    - query: autograd over the P query rows.
+    Autograd only runs over what the P queries touch: their projections, the (P, L) logits and
+    the tail of the layer. Under tensor parallelism each rank sums its heads, then the ranks'.
+    """
+    rows = torch.arange(x.shape[0], device=x.device)[:, None]
+    scale = shape.head_dim**-0.5
+    with torch.no_grad():
+        h = rms_norm(x, w.input_norm, shape.rms_norm_eps)  # (B, L, D)
+        keys, tangent = _keys(h, w, shape, cos, sin, with_tangent=True)  # (B, Hkv, L, Dh) each
+    leaf = h[rows, at].detach().requires_grad_(True)  # (B, P, D)
+    with torch.enable_grad():
+        q = _queries_at(_copy_to_tp(leaf, tp_group), w, shape, cos, sin, rows, at)  # (B, Hkv, G*P, Dh)
+        logits = (q @ keys.transpose(-1, -2)) * scale  # (B, Hkv, G*P, L)
+        probs = _causal_softmax(logits, at, h.dtype)
+        states = _layer_tail(x[rows, at], _pooled_values(probs, h, w, shape), w, shape, tp_group)
+        d_logits, d_probs, d_leaf = torch.autograd.grad(loss_of(states), [logits, probs, leaf])
+    with torch.no_grad():
+        along_key = logits if tangent is None else (q @ tangent.transpose(-1, -2)) * scale
+        scores = (upcast(probs) * upcast(d_probs) + upcast(d_logits) * upcast(along_key)).sum((1, 2))
+        if tp_group is not None:
+            torch.distributed.all_reduce(scores, group=tp_group)
+        # d_leaf is already summed over the ranks (the copy's backward)
+        return scores.index_put_((rows.expand_as(at), at), upcast(d_leaf * leaf).sum(-1), accumulate=True)
+
+
+def _queries_at(h_at: torch.Tensor, w: DecoderLayerWeights, shape: DecoderShape, cos: torch.Tensor,
+                sin: torch.Tensor, rows: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """h_at: (B, P, D) normed inputs at `at` -> (B, Hkv, G*P, Dh) rotated queries, each KV
+    head's query heads grouped under it."""
+    bsz, num, _ = h_at.shape
+    q = _head_norm(F.linear(h_at, w.q_proj, w.q_bias).view(bsz, num, shape.num_heads, shape.head_dim), w.q_norm,
                    shape).transpose(1, 2)
-    k = _head_norm(F.linear(h, w.k_proj, w.k_bias).view(bsz, seq, kv_heads, head_dim), w.k_norm, shape).transpose(1, 2)
     # cos/sin: (B, 1, L, Dh) -> the queries' rows (B, 1, P, Dh)
     q = apply_rotary(q, cos[rows, 0, at][:, None], sin[rows, 0, at][:, None])
-    k = apply_rotary(k, cos, sin)  # (B, Hkv, L, Dh)
-    q = q.reshape(bsz, kv_heads, groups * num, head_dim)  # query heads grouped under their KV head
-    logits = (q @ k.transpose(-1, -2)).view(bsz, heads, num, seq) * head_dim**-0.5
-    visible = torch.arange(seq, device=x.device)[None, :] <= at[:, :, None]  # (B, P, L)
-    probs = upcast(logits).masked_fill(~visible[:, None], float("-inf")).softmax(-1).to(h.dtype)
-    # Grouped under their KV head, so each group's pools meet its own W_v shard without copies.
-    pooled = probs.view(bsz, kv_heads, groups * num, seq) @ h[:, None]  # (B, Hkv, G*P, D)
-    attn = torch.einsum("bkqd,ked->bkqe", pooled, w.v_proj.view(kv_heads, head_dim, -1))  # (B, Hkv, G*P, Dh)
+    return q.reshape(bsz, shape.num_kv_heads, -1, shape.head_dim)
+
+
+def _keys(h: torch.Tensor, w: DecoderLayerWeights, shape: DecoderShape, cos: torch.Tensor, sin: torch.Tensor,
+          with_tangent: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """h: (B, L, D) -> rotated keys (B, Hkv, L, Dh), and with `with_tangent` their derivative
+    along each row's own input, d/dt key(h_i (1 + t)) at 0 (rotated), or None where it is the
+    key itself (no bias, no key norm)."""
+    bsz, seq, _ = h.shape
+    linear = F.linear(h, w.k_proj).view(bsz, seq, shape.num_kv_heads, shape.head_dim)
+    pre = linear if w.k_bias is None else linear + w.k_bias.view(shape.num_kv_heads, shape.head_dim)
+    keys = apply_rotary(_head_norm(pre, w.k_norm, shape).transpose(1, 2), cos, sin)
+    if not with_tangent or (w.k_bias is None and w.k_norm is None):
+        return keys, None
+    tangent = linear if w.k_norm is None else _rms_norm_tangent(pre, linear, w.k_norm, shape.rms_norm_eps)
+    return keys, apply_rotary(tangent.transpose(1, 2), cos, sin)
+
+
+def _rms_norm_tangent(u: torch.Tensor, v: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """d/dt rms_norm(u + t v, weight) at t = 0, over the last dimension."""
+    u32, v32 = upcast(u), upcast(v)
+    inv = torch.rsqrt(u32.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * (v32 * inv - u32 * ((u32 * v32).mean(-1, keepdim=True) * inv.pow(3)))).to(u.dtype)
+
+
+def _causal_softmax(logits: torch.Tensor, at: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """logits: (B, Hkv, G*P, L) of the queries at `at` (B, P) -> attention probabilities, each
+    query seeing positions up to its own, softmax in at least float32."""
+    bsz, kv_heads, rows, seq = logits.shape
+    visible = torch.arange(seq, device=logits.device)[None, :] <= at[:, :, None]  # (B, P, L)
+    masked = upcast(logits).view(bsz, kv_heads, rows // at.shape[1], at.shape[1], seq)
+    return masked.masked_fill(~visible[:, None, None], float("-inf")).softmax(-1).to(dtype).view_as(logits)
+
+
+def _pooled_values(probs: torch.Tensor, h: torch.Tensor, w: DecoderLayerWeights, shape: DecoderShape) -> torch.Tensor:
+    """probs: (B, Hkv, G*P, L), h: (B, L, D) -> attention output (B, H, P, Dh): each head's
+    distribution pools the normed inputs, one (B, H*P, L) x (B, L, D) product, and the pools
+    meet their KV head's W_v."""
+    bsz, kv_heads, rows, seq = probs.shape
+    pooled = torch.bmm(probs.reshape(bsz, kv_heads * rows, seq), h).view(bsz, kv_heads, rows, -1)  # (B, Hkv, G*P, D)
+    attn = torch.einsum("bkqd,ked->bkqe", pooled, w.v_proj.view(kv_heads, shape.head_dim, -1))  # (B, Hkv, G*P, Dh)
     if w.v_bias is not None:
-        attn = attn + w.v_bias.view(kv_heads, 1, head_dim)
-    attn = attn.reshape(bsz, heads, num, head_dim)  # (P rows only: small)
-    out = x[rows, at] + _reduce_from_tp(F.linear(attn.transpose(1, 2).reshape(bsz, num, -1), w.o_proj), tp_group)
+        attn = attn + w.v_bias.view(kv_heads, 1, shape.head_dim)
+    return attn.reshape(bsz, shape.num_heads, -1, shape.head_dim)
+
+
+def _layer_tail(x_at: torch.Tensor, attn: torch.Tensor, w: DecoderLayerWeights, shape: DecoderShape,
+                tp_group) -> torch.Tensor:
+    """x_at: (B, P, D) residual, attn: (B, H, P, Dh) -> (B, P, D): output projection, residual,
+    MLP."""
+    bsz, _, num, _ = attn.shape
+    out = x_at + _reduce_from_tp(F.linear(attn.transpose(1, 2).reshape(bsz, num, -1), w.o_proj), tp_group)
     h = _copy_to_tp(rms_norm(out, w.post_norm, shape.rms_norm_eps), tp_group)
     return _residual(out, _reduce_from_tp(_mlp(h, w), tp_group))

@@ -14,7 +14,10 @@ Choices where the paper leaves room (each one a setting, see `PioFvlmSettings`):
 - the reduction to a scalar (`saliency`): grad_x_normed, |<g_i, n_i>| with n_i the token's
   normed input to layer K (what its key and value are read from) and g_i the gradient there:
   the first-order change of the loss when token i leaves layer K's attention, which is the
-  quantity output invariance asks about. grad_norm is the authors' ||dL/dx_i||.
+  quantity output invariance asks about. It is computed in closed form from layer K's
+  attention over the few loss positions (`normed_input_saliency_at`), so layer K costs one key
+  projection over the sequence and no backward over it: the selection then costs about the
+  K - 1 full layers before it. grad_norm is the authors' ||dL/dx_i||.
 
   grad_x_input, |<dL/dx_i, x_i>| at the residual-stream input, is kept for comparison only: a
   token reaches layer K's attention only through an RMSNorm, which is scale invariant, so that
@@ -31,7 +34,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .decoder import ProxyWeights, decoder_layer, decoder_layer_at, rms_norm, rotary_cos_sin, upcast
+from .decoder import (ProxyWeights, decoder_layer, decoder_layer_at, normed_input_saliency_at, rms_norm, rotary_cos_sin,
+                      upcast)
 
 LossPositions = Literal["last", "four_before_last"]
 
@@ -107,20 +111,14 @@ def _pack(contexts: list[ImageContext], dtype: torch.dtype) -> tuple[torch.Tenso
     return x, lengths
 
 
-def _pack_deepstack(contexts: list[ImageContext], seq: int, dtype: torch.dtype, max_levels: int) -> list[torch.Tensor]:
-    """Per deepstack level up to `max_levels`, (B, seq, D) zeros with each context's level at
-    its image rows."""
-    levels = min(max((c.deepstack.shape[0] for c in contexts if c.deepstack is not None), default=0), max_levels)
-    if levels == 0:
-        return []
-    dim, device = contexts[0].image_embeds.shape[-1], contexts[0].image_embeds.device
-    packed = torch.zeros(levels, len(contexts), seq, dim, dtype=dtype, device=device)
+def _add_deepstack(x: torch.Tensor, contexts: list[ImageContext], level: int) -> torch.Tensor:
+    """x: (B, L, D) states after decoder layer `level`; adds each context's deepstack level
+    there at its image rows, in place (x is that layer's fresh output)."""
     for b, c in enumerate(contexts):
-        if c.deepstack is not None:
+        if c.deepstack is not None and level < c.deepstack.shape[0]:
             start = c.prefix_embeds.shape[0]
-            own = c.deepstack[:levels]
-            packed[: own.shape[0], b, start : start + c.num_image_tokens] = own.to(dtype)
-    return list(packed)
+            x[b, start : start + c.num_image_tokens] += c.deepstack[level].to(x.dtype)
+    return x
 
 
 def _positions(contexts: list[ImageContext], seq: int, multimodal: bool) -> torch.Tensor:
@@ -174,6 +172,8 @@ def gradient_saliency(
     num_layers = weights.num_layers
     if not 1 <= backprop_layers <= num_layers:
         raise ValueError(f"backprop_layers must be in [1, {num_layers}], got {backprop_layers}")
+    if reduction not in ("grad_x_normed", "grad_x_input", "grad_norm"):
+        raise ValueError(f"saliency must be 'grad_x_normed', 'grad_x_input' or 'grad_norm', got {reduction!r}")
     if reduction == "grad_x_normed" and backprop_layers != 1:
         raise ValueError(f"saliency grad_x_normed needs backprop_layers 1 (layer-local), got {backprop_layers}")
     if not 0 <= handoff_layer <= num_layers - backprop_layers:
@@ -189,11 +189,9 @@ def gradient_saliency(
         bsz, seq, _ = x.shape
         cos, sin = rotary_cos_sin(_positions(contexts, seq, shape.mrope_section is not None), shape.head_dim,
                                   shape.rope_theta, dtype, shape.mrope_section, shape.mrope_interleaved)
-        deepstack = _pack_deepstack(contexts, seq, dtype, num_layers - 1)  # layer K reads text rows only
 
         def layer(i: int, x: torch.Tensor) -> torch.Tensor:
-            x = decoder_layer(x, weights.layers[i], shape, cos, sin, weights.tp_group)
-            return x + deepstack[i] if i < len(deepstack) else x
+            return _add_deepstack(decoder_layer(x, weights.layers[i], shape, cos, sin, weights.tp_group), contexts, i)
 
         first_grad_layer = num_layers - backprop_layers
         with torch.no_grad():
@@ -209,13 +207,16 @@ def gradient_saliency(
         # positions: no deepstack is added there).
         at = loss_rows(lengths, loss_positions, x.device)
         last = weights.layers[-1]
-        leaf, normed = x_in, None
+
+        def loss_of(states: torch.Tensor) -> torch.Tensor:  # (B, P, D) -> scalar
+            return proxy_loss(states.flatten(0, 1), weights, loss_kind) / at.shape[1]
+
         if reduction == "grad_x_normed":
-            normed = rms_norm(x_in.detach(), last.input_norm, shape.rms_norm_eps).detach().requires_grad_(True)
-            leaf = normed
-        states = decoder_layer_at(x, last, shape, cos, sin, at, weights.tp_group, normed=normed)
-        loss = proxy_loss(states.flatten(0, 1), weights, loss_kind) / at.shape[1]
-        (grad,) = torch.autograd.grad(loss, leaf)
+            # Layer-local: the products themselves, without a backward over every row.
+            products = normed_input_saliency_at(x_in.detach(), last, shape, cos, sin, at, loss_of, weights.tp_group)
+        else:
+            (grad,) = torch.autograd.grad(loss_of(decoder_layer_at(x, last, shape, cos, sin, at, weights.tp_group)),
+                                          x_in)
 
     n_max = max(c.num_image_tokens for c in contexts)
     score_dtype = torch.promote_types(dtype, torch.float32)
@@ -223,14 +224,12 @@ def gradient_saliency(
     features = torch.zeros(bsz, n_max, x_in.shape[-1], dtype=dtype, device=x_in.device)
     for b, c in enumerate(contexts):
         start, n = c.prefix_embeds.shape[0], c.num_image_tokens
-        g = upcast(grad[b, start : start + n])
-        h = x_in[b, start : start + n].detach()
-        if reduction in ("grad_x_normed", "grad_x_input"):
-            scores[b, :n] = (g * upcast(leaf[b, start : start + n].detach())).sum(-1).abs()
-        elif reduction == "grad_norm":
-            scores[b, :n] = g.norm(dim=-1)
+        if reduction == "grad_x_normed":
+            scores[b, :n] = products[b, start : start + n].abs()
+        elif reduction == "grad_x_input":
+            scores[b, :n] = (upcast(grad[b, start : start + n]) * upcast(x_in[b, start : start + n].detach())).sum(-1).abs()
         else:
-            raise ValueError(f"saliency must be 'grad_x_normed', 'grad_x_input' or 'grad_norm', got {reduction!r}")
-        features[b, :n] = h
+            scores[b, :n] = upcast(grad[b, start : start + n]).norm(dim=-1)
+        features[b, :n] = x_in[b, start : start + n].detach()
     return Saliency(scores=scores, features=features, num_tokens=[c.num_image_tokens for c in contexts],
                     handoff_states=handoff)

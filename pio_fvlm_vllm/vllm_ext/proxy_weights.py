@@ -88,11 +88,13 @@ def snapshot_proxy_weights(
     with torch.inference_mode(False), torch.no_grad():
         for layer in language_model.model.layers[:num_layers]:
             attn, mlp = layer.self_attn, layer.mlp
-            q, k, v = _take(attn.qkv_proj.weight, copy).split([q_size, kv_size, kv_size])
-            bias = getattr(attn.qkv_proj, "bias", None)
+            qkv = _take(attn.qkv_proj.weight, copy)
+            q, k, v = qkv.split([q_size, kv_size, kv_size])
+            qkv_bias = getattr(attn.qkv_proj, "bias", None)
             qb = kb = vb = None
-            if bias is not None:
-                qb, kb, vb = _take(bias, copy).split([q_size, kv_size, kv_size])
+            if qkv_bias is not None:
+                qkv_bias = _take(qkv_bias, copy)
+                qb, kb, vb = qkv_bias.split([q_size, kv_size, kv_size])
             gate, up = _take(mlp.gate_up_proj.weight, copy).chunk(2)
             layers.append(
                 DecoderLayerWeights(
@@ -104,6 +106,7 @@ def snapshot_proxy_weights(
                     down_proj=_take(mlp.down_proj.weight, copy),
                     q_bias=qb, k_bias=kb, v_bias=vb,
                     q_norm=_norm_weight(attn, "q_norm", copy), k_norm=_norm_weight(attn, "k_norm", copy),
+                    qkv_proj=qkv, qkv_bias=qkv_bias,
                 )
             )
         lm_head = language_model.lm_head.weight
