@@ -17,7 +17,9 @@ Choices where the paper leaves room (each one a setting, see `PioFvlmSettings`):
   quantity output invariance asks about. It is computed in closed form from layer K's
   attention over the few loss positions (`normed_input_saliency_at`), so layer K costs one key
   projection over the sequence and no backward over it: the selection then costs about the
-  K - 1 full layers before it. grad_norm is the authors' ||dL/dx_i||.
+  K - 1 full layers before it. Where the keys pass a per-head norm of their own (Qwen3), that
+  norm is scale invariant too, so the key path adds almost nothing and the score reads the
+  value path. grad_norm is the authors' ||dL/dx_i||.
 
   grad_x_input, |<dL/dx_i, x_i>| at the residual-stream input, is kept for comparison only: a
   token reaches layer K's attention only through an RMSNorm, which is scale invariant, so that
