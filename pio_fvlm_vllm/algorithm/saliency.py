@@ -109,7 +109,10 @@ def _pack(contexts: list[ImageContext], dtype: torch.dtype) -> tuple[torch.Tenso
     device = contexts[0].image_embeds.device
     x = torch.zeros(len(contexts), max(lengths), dim, dtype=dtype, device=device)
     for b, c in enumerate(contexts):
-        x[b, : c.length] = torch.cat([c.prefix_embeds, c.image_embeds, c.suffix_embeds]).to(dtype)
+        start, end = c.prefix_embeds.shape[0], c.prefix_embeds.shape[0] + c.num_image_tokens
+        x[b, :start] = c.prefix_embeds
+        x[b, start:end] = c.image_embeds  # copied in place, cast to the proxy's dtype
+        x[b, end : c.length] = c.suffix_embeds
     return x, lengths
 
 
