@@ -8,7 +8,9 @@ Random weights of the chosen shape; the prefill runs the same pure-PyTorch decod
 `select_tokens` (proxy forward through K layers, layer-local backward, NMS), also split into
 its saliency and NMS parts, with the number of tensor ops one NMS call issues (each one a
 kernel launch on a GPU). The configurations are timed in turn within each repeat, so a
-machine whose speed drifts slows them alike; each gets its best time. With
+machine whose speed drifts slows them alike; each gets its best time. One full layer (the full
+prefill over the depth) is the selection's floor at K = 2: layer K's scores read, and the
+hand-off takes, the states after the first layer at every position of the prompt. With
 `--layers-measured M`, the full prefill is M layers timed and scaled to the model's depth
 (for shapes too slow to run whole on a CPU); the table says which.
 """
@@ -162,11 +164,13 @@ def main(argv=None):
              f"{args.text} text tokens, keep {args.keep}; best of {args.repeats}{scaled}.", "",
              "| image tokens n | K | kept | full prefill s | pruned prefill s | selection s | saliency s | "
              "NMS s | NMS tensor ops | NMS / selection | selection / full | selection / pruned | "
+             "one full layer / pruned | selection / one full layer | "
              "(pruned + selection) speed-up | free-selection speed-up |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n, k, kept, tf, tp, ts, tsal, tnms, ops in rows:
         lines.append(f"| {n} | {k} | {kept} | {tf:.3f} | {tp:.3f} | {ts:.3f} | {tsal:.3f} | {tnms * 1e3:.1f} ms | "
-                     f"{ops} | {tnms / ts:.1%} | {ts / tf:.1%} | {ts / tp:.1%} | {tf / (tp + ts):.2f}x | "
+                     f"{ops} | {tnms / ts:.1%} | {ts / tf:.1%} | {ts / tp:.1%} | {tf / depth / tp:.1%} | "
+                     f"{ts / (tf / depth):.2f}x | {tf / (tp + ts):.2f}x | "
                      f"{tf / tp:.2f}x |")
     body = "\n".join(lines + mixed_lines)
     print(body)
