@@ -251,8 +251,16 @@ def main(argv=None):
     p.add_argument("--no-free-selection", action="store_true",
                    help="skip the free-selection ceiling (uniform stride, no proxy) at the pruned keeps")
     p.add_argument("--server-arg", action="append", default=[], help="extra vllm serve argument (repeatable)")
+    p.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable for every server started, stock included (repeatable)")
     p.add_argument("--name", default="cpu_small")
     args = p.parse_args(argv)
+    server_env = {}
+    for item in args.server_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            p.error(f"--server-env must be NAME=VALUE, got {item!r}")
+        server_env[name] = value
 
     # Prefix caching off and fresh images every round: the runs measure compute, not caches.
     serve_args = ["--dtype", args.dtype, "--max-model-len", "4096", "--no-enable-prefix-caching",
@@ -282,13 +290,13 @@ def main(argv=None):
     else:
         model = str(Path(args.checkpoint))
         if not args.no_stock:
-            with VllmServer(model, plugin=False, args=serve_args) as stock:
+            with VllmServer(model, plugin=False, args=serve_args, env=server_env) as stock:
                 sweep(stock.base_url, model, [("stock", None)])
-        with VllmServer(model, args=serve_args) as server:
+        with VllmServer(model, args=serve_args, env=server_env) as server:
             sweep(server.base_url, model, plugin_configs)
         pruned = [k for k in args.keeps if k < 1.0]
         if pruned and not args.no_free_selection:
-            with VllmServer(model, args=serve_args, env={"PIO_FVLM_SELECTOR": "uniform"}) as free:
+            with VllmServer(model, args=serve_args, env={**server_env, "PIO_FVLM_SELECTOR": "uniform"}) as free:
                 sweep(free.base_url, model, [(f"{FREE} keep={k}", k) for k in pruned])
 
     body = table(results)
@@ -297,7 +305,9 @@ def main(argv=None):
              f"max_tokens={args.max_tokens} (ignore_eos), dtype {args.dtype}, prefix caching off, every "
              f"round with images not seen before"
              f"{', --load-format ' + args.load_format if args.load_format else ''}; stock = vLLM with no "
-             f"plugin loaded (VLLM_PLUGINS=''), same arguments.\n\n![serving](serving_{args.name}.png)\n\n")
+             f"plugin loaded (VLLM_PLUGINS=''), same arguments"
+             f"{'; every server with ' + ', '.join(args.server_env) if args.server_env else ''}"
+             f".\n\n![serving](serving_{args.name}.png)\n\n")
     write_result(f"serving_{args.name}.md", "Serving benchmark", intro + body)
     (results_dir() / f"serving_{args.name}.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
     plot(results, results_dir() / f"serving_{args.name}.png")
