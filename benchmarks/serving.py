@@ -255,6 +255,9 @@ def main(argv=None):
                    help="environment variable for every server started, stock included (repeatable)")
     p.add_argument("--name", default="cpu_small")
     args = p.parse_args(argv)
+    if args.base_url and (args.server_env or args.server_arg):
+        p.error("--server-env and --server-arg apply to the servers this benchmark starts; "
+                "with --base-url, start the server with them yourself")
     server_env = {}
     for item in args.server_env:
         name, sep, value = item.partition("=")
