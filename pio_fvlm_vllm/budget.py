@@ -53,3 +53,27 @@ def budget(num_tokens: int, visual_keep: float, reference_tokens: int | None = N
     # The small epsilon absorbs binary representation error (0.5 * 3 must round to 2).
     k = math.floor(base * keep + 0.5 + 1e-9)
     return max(1, min(num_tokens, k))
+
+
+VISUAL_TURNS_FIELD = "visual_turns"
+# How a chat's later turns treat an image an earlier turn pruned:
+# - incremental: the earlier turns' tokens (prefix-cache hits) plus the tokens the new question
+#   selects among those not yet served;
+# - first_turn: the earlier turns' tokens only (cheapest: nothing of the image is recomputed);
+# - reselect: a fresh selection for the whole prompt (nothing of the image is reused).
+VISUAL_TURNS_MODES = ("incremental", "first_turn", "reselect")
+
+
+def validate_visual_turns(value: Any, field: str = VISUAL_TURNS_FIELD) -> str:
+    """Returns `value` as one of `VISUAL_TURNS_MODES`, or raises ValueError naming `field`."""
+    if not isinstance(value, str) or value not in VISUAL_TURNS_MODES:
+        allowed = ", ".join(f'"{m}"' for m in VISUAL_TURNS_MODES)
+        raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def delta_budget(num_tokens: int, num_keep: int, share: float, already_served: int) -> int:
+    """Image tokens a later turn adds to an image that already served `already_served` of its
+    `num_tokens`: `share` of its first turn's budget `num_keep`, never more than remain."""
+    want = math.floor(num_keep * share + 0.5 + 1e-9)
+    return max(0, min(want, num_tokens - already_served))

@@ -74,13 +74,14 @@ class GridSpan:
     offset: int  # served index of the image's first placeholder
     num_served: int  # placeholders in the served prompt (k, or N when unpruned)
     grid: tuple[int, int, int]  # (t, h, w) token grid of the unpruned image, t * h * w = N
+    delta: bool = False  # a later turn's addition to an image: its cells are the image's own
 
 
 def mrope_layout(served_len: int, spans: Sequence[GridSpan]) -> tuple[torch.Tensor, list[int], int]:
     """Multimodal rotary positions of a served prompt as the unpruned prompt numbers them.
 
     Returns (3, served_len) positions, each image's base (the position of its first cell; cell
-    (t, h, w) sits at base + (t, h, w)), and the decode delta. Text advances all three rows
+    (t, h, w) sits at base + (t, h, w); delta spans have none), and the decode delta. Text advances all three rows
     together from one past the largest position before it, as Qwen2-VL numbers prompts, so
     every text token and every image base is what the unpruned prompt gives it: they depend
     on the images' grids, not on which of their tokens are kept. A pruned image's served rows
@@ -94,6 +95,12 @@ def mrope_layout(served_len: int, spans: Sequence[GridSpan]) -> tuple[torch.Tens
             raise ValueError(f"image span {span} overlaps the one before or has more rows than cells")
         text = span.offset - start
         pieces.append(torch.arange(text).expand(3, -1) + next_position)
+        if span.delta:
+            # Provisional (its kept cells replace them); the text after it continues unshifted.
+            next_position += text
+            pieces.append(torch.full((3, span.num_served), next_position, dtype=torch.int64))
+            start = span.offset + span.num_served
+            continue
         base = next_position + text
         bases.append(base)
         cells = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij"))

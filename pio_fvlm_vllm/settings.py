@@ -158,6 +158,27 @@ class PioFvlmSettings(BaseSettings):
         description="encoder_involved: share of tokens the VisionZip stage adds as merged context.",
     )
 
+    visual_turns: Literal["incremental", "first_turn", "reselect"] = Field(
+        "incremental",
+        description="How a chat's later turns treat an image an earlier turn pruned, when a request "
+        "does not say: incremental (the earlier turns' tokens, reused from the prefix cache, plus "
+        "the tokens the new question selects among those not yet served), first_turn (the earlier "
+        "turns' tokens only) or reselect (a fresh selection over the whole prompt each turn).",
+    )
+    turn_delta_share: float = Field(
+        1.0,
+        ge=0.0,
+        le=8.0,
+        description="incremental: tokens a later turn adds to an earlier turn's image, as a share of "
+        "that image's first budget k (never more than remain unserved); 0 adds none.",
+    )
+    served_sets: int = Field(
+        16384,
+        ge=0,
+        description="Kept-token sets the worker remembers (a few KB each) so a later turn selects "
+        "among the tokens not yet served and a re-encoded item keeps what it kept.",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _official_defaults(cls, values: object) -> object:

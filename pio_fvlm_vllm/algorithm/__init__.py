@@ -4,7 +4,7 @@ from .decoder import DecoderLayerWeights, DecoderShape, ProxyWeights, decoder_la
 from .nms import nms_select
 from .saliency import ImageContext, Saliency, gradient_saliency, proxy_loss
 from .select import (Selection, all_ranks_agree, seeded_random, select, select_on_every_rank, select_tokens,
-                     uniform_stride)
+                     uniform_stride, uniform_stride_among)
 from .visionzip import VisionZipResult, cls_attention, visionzip_compress
 
 __all__ = [
@@ -26,5 +26,6 @@ __all__ = [
     "seeded_random",
     "select_tokens",
     "uniform_stride",
+    "uniform_stride_among",
     "visionzip_compress",
 ]

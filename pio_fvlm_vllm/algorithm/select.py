@@ -43,15 +43,21 @@ def select(
     num_keep: list[int],
     settings: PioFvlmSettings,
     handoff_layer: int = 0,
+    exclude: list[torch.Tensor | None] | None = None,
 ) -> Selection:
-    """`select_tokens`, plus each pruned context's states after `handoff_layer` layers."""
-    _check_budgets(contexts, num_keep)
+    """`select_tokens`, plus each pruned context's states after `handoff_layer` layers.
+
+    exclude[i]: indices context i may not keep (tokens already served by an earlier selection
+    of the same image); its budget is then taken among the others, ranked as usual.
+    """
+    exclude = exclude or [None] * len(contexts)
+    _check_budgets(contexts, [k + (0 if e is None else int(e.numel())) for k, e in zip(num_keep, exclude)])
     result: list[torch.Tensor | None] = [None] * len(contexts)
     states: list[torch.Tensor | None] = [None] * len(contexts)
     todo = []
     for i, (ctx, k) in enumerate(zip(contexts, num_keep)):
         n = ctx.num_image_tokens
-        if k == n:
+        if k == n and exclude[i] is None:
             result[i] = torch.arange(n, device=ctx.image_embeds.device)
         else:
             todo.append(i)
@@ -72,6 +78,10 @@ def select(
         loss_positions=settings.loss_positions,
     ) for ids in batches]
     for ids, sal in zip(batches, saliencies):
+        for j, i in enumerate(ids):
+            if exclude[i] is not None and exclude[i].numel():
+                # NMS reads -inf as padding: excluded tokens are neither kept nor suppressors.
+                sal.scores[j, exclude[i].to(sal.scores.device)] = float("-inf")
         kept = nms_select(sal.scores, sal.features, [num_keep[i] for i in ids], settings.nms_threshold,
                           inclusive=settings.nms_inclusive)
         for j, (i, idx) in enumerate(zip(ids, kept)):
@@ -125,6 +135,7 @@ def select_on_every_rank(
     fallback: Callable[[], Selection],
     handoff_layer: int = 0,
     device: torch.device | str = "cpu",
+    exclude: list[torch.Tensor | None] | None = None,
 ) -> tuple[Selection, bool]:
     """`select` under tensor parallelism, where the proxy's layers all-reduce across ranks and
     every rank must serve the same tokens: the ranks run it together or none does.
@@ -142,7 +153,7 @@ def select_on_every_rank(
     contexts: list[ImageContext] = []
     try:
         contexts = prepare()
-        _check_budgets(contexts, num_keep)
+        _check_budgets(contexts, [k + (0 if e is None else int(e.numel())) for k, e in zip(num_keep, exclude or [None] * len(num_keep))])
         ready = True
     except Exception:  # noqa: BLE001 - this rank's failure is agreed on below
         _log.exception("PIO-FVLM selection inputs failed on this rank")
@@ -150,7 +161,7 @@ def select_on_every_rank(
     if not all_ranks_agree(ready, group, device):
         return fallback(), True
     try:
-        selection = select(weights, contexts, num_keep, settings, handoff_layer=handoff_layer)
+        selection = select(weights, contexts, num_keep, settings, handoff_layer=handoff_layer, exclude=exclude)
         done = True
     except Exception:  # noqa: BLE001 - as above
         _log.exception("PIO-FVLM selection failed on this rank")
@@ -164,6 +175,17 @@ def seeded_random(num_tokens: int, num_keep: int, seed: int, device: torch.devic
     """num_keep distinct indices drawn at random with `seed`, ascending."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randperm(num_tokens, generator=gen)[:num_keep].sort().values.to(device)
+
+
+def uniform_stride_among(num_tokens: int, num_keep: int, exclude: torch.Tensor | None,
+                         device: torch.device | str = "cpu") -> torch.Tensor:
+    """`uniform_stride` over the tokens not in `exclude`."""
+    if exclude is None:
+        return uniform_stride(num_tokens, num_keep, device)
+    allowed = torch.ones(num_tokens, dtype=torch.bool)
+    allowed[exclude.cpu()] = False
+    free = allowed.nonzero().flatten()
+    return free[uniform_stride(free.numel(), num_keep)].to(device)
 
 
 def uniform_stride(num_tokens: int, num_keep: int, device: torch.device | str = "cpu") -> torch.Tensor:

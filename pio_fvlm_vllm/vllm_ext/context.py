@@ -19,21 +19,28 @@ KEEP_ALL = -1
 NO_HANDOFF = -1
 
 
-_HEADER = 7
+_HEADER = 10
 
 
 @dataclass(frozen=True)
 class PromptContext:
     num_keep: int  # KEEP_ALL: stock behaviour
     num_tokens: int  # N, the image's tokens in the unpruned prompt
-    served_offset: int  # index of the image's first placeholder in the served prompt
+    served_offset: int  # index of the item's first placeholder in the served prompt
     # Position of the image's first token in the unpruned prompt: its index there (plain
     # rotary), or its base cell (multimodal rotary: cell (t, h, w) sits at base + (t, h, w)).
     original_offset: int
-    handoff_rows: int  # text rows after the image that take over the proxy's states; NO_HANDOFF
+    handoff_rows: int  # text rows after the item that take over the proxy's states; NO_HANDOFF
     prefix_ids: list[int]
     suffix_ids: list[int]
-    image_key: int = 0  # the image's multimodal hash, shortened (`kept_indices.image_key`); 0: none
+    image_key: int = 0  # the item's multimodal hash, shortened (`kept_indices.image_key`); 0: none
+    # Where the hand-off text rows start among suffix_ids, and the position of the first of
+    # them: right after the image for a first selection, at the later user turn for a delta.
+    handoff_text_start: int = 0
+    text_position: int = -1  # -1: right after the image's N tokens
+    # A later turn's delta: the keys of the items of the same image served before it (its first
+    # selection, then earlier deltas); it selects among the tokens none of them kept.
+    served_before: tuple[int, ...] = ()
 
     @property
     def pruned(self) -> bool:
@@ -41,24 +48,40 @@ class PromptContext:
 
     @property
     def handoff(self) -> bool:
-        """Whether the image's kept rows (and handoff_rows text rows) take over proxy states."""
+        """Whether the item's kept rows (and handoff_rows text rows) take over proxy states."""
         return self.handoff_rows != NO_HANDOFF
+
+    @property
+    def first_text_position(self) -> int:
+        """Position of the first hand-off text row in the unpruned prompt."""
+        return self.original_offset + self.num_tokens if self.text_position < 0 else self.text_position
+
+    @property
+    def is_delta(self) -> bool:
+        """A later turn's addition to an image: its rows take no positions of their own."""
+        return bool(self.served_before)
 
     def pack(self) -> torch.Tensor:
         return torch.tensor(
             [self.num_keep, self.num_tokens, self.served_offset, self.original_offset,
-             self.handoff_rows, self.image_key, len(self.prefix_ids), *self.prefix_ids, *self.suffix_ids],
+             self.handoff_rows, self.image_key, self.handoff_text_start, self.text_position,
+             len(self.served_before), len(self.prefix_ids), *self.served_before, *self.prefix_ids,
+             *self.suffix_ids],
             dtype=torch.int64,
         )
 
     @classmethod
     def unpack(cls, packed: torch.Tensor) -> "PromptContext":
         values = packed.reshape(-1).tolist()
-        if len(values) < _HEADER or not 0 <= values[6] <= len(values) - _HEADER:
+        if len(values) < _HEADER:
             raise ValueError(f"malformed PIO-FVLM context of {len(values)} values")
-        num_prefix = values[6]
-        return cls(*values[:5], values[_HEADER : _HEADER + num_prefix], values[_HEADER + num_prefix :],
-                   image_key=values[5])
+        num_before, num_prefix = values[8], values[9]
+        if not (0 <= num_before and 0 <= num_prefix and num_before + num_prefix <= len(values) - _HEADER):
+            raise ValueError(f"malformed PIO-FVLM context of {len(values)} values")
+        start = _HEADER + num_before
+        return cls(*values[:5], values[start: start + num_prefix], values[start + num_prefix:],
+                   image_key=values[5], handoff_text_start=values[6], text_position=values[7],
+                   served_before=tuple(values[_HEADER:start]))
 
 
 def image_contexts(prompt_ids: list[int], image_token_id: int) -> list[tuple[list[int], list[int]]]:

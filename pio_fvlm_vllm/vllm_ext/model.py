@@ -23,7 +23,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 
 from ..algorithm import (ImageContext, ProxyWeights, Selection, seeded_random, select, select_on_every_rank,
-                         uniform_stride)
+                         uniform_stride_among)
 from ..settings import PioFvlmSettings
 from .context import CONTEXT_FIELD, PromptContext
 from .engine_config import missing_engine_config
@@ -31,6 +31,7 @@ from .families import FAMILIES, model_prunes, pruned_architecture
 from .handoff import HandoffBuffers
 from .kept_indices import KEPT_STORE
 from .positions_hook import PositionsHook
+from .served import ServedSets
 from .stats import SELECTION_STATS
 
 logger = init_logger("vllm.pio_fvlm")
@@ -91,6 +92,7 @@ class PioFvlmModel:
         self.pio_handoff_layer = self.pio_settings.handoff_layer_for(text_config.num_hidden_layers)
         self.pio_tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.pio_proxy: ProxyWeights | None = None
+        self.pio_served = ServedSets(self.pio_settings.served_sets)
         self.quant_method = ProxySnapshotHook()
         model_config = vllm_config.model_config
         if not FAMILIES[pruned_architecture(model_config.architectures, model_config.hf_config)].handoff:
@@ -187,32 +189,55 @@ class PioFvlmModel:
 
     def _select(self, embeddings: list[torch.Tensor], contexts: list[PromptContext],
                 grids: list[tuple[int, int, int] | None]) -> list[torch.Tensor]:
-        todo = [i for i, c in enumerate(contexts) if c.pruned and c.num_keep < embeddings[i].shape[0]]
         for i, c in enumerate(contexts):
             n = embeddings[i].shape[0]
             if c.pruned and not (0 < c.num_keep <= n and c.num_tokens == n):
                 raise RuntimeError(f"image {i}: {c.num_keep} placeholders for {n} image tokens "
                                    f"(the processor counted {c.num_tokens})")
-        if not todo:
-            return embeddings
-        start = time.perf_counter()
-        selection, failed = self._kept_indices([embeddings[i] for i in todo], [contexts[i] for i in todo],
-                                               [grids[i] for i in todo])
-        seen = [embeddings[i].shape[0] for i in todo]
-        for j, i in enumerate(todo):
-            ctx, kept = contexts[i], selection.kept[j].to(embeddings[i].device)
-            KEPT_STORE.put(ctx.image_key, selection.kept[j], ctx.num_tokens)
-            embeds = embeddings[i][kept]
-            if ctx.handoff_rows > 0:
-                text = self._embed_text(ctx.suffix_ids[: ctx.handoff_rows], embeds.device)
-                embeds = torch.cat([embeds, text.to(embeds.dtype)])
-            embeddings[i] = self.pio_positions.rows(embeds, kept, ctx, selection.handoff_states[j], grids[i])
-        SELECTION_STATS.record(seen, [idx.numel() for idx in selection.kept], time.perf_counter() - start,
-                               failed)
+        todo = [i for i, c in enumerate(contexts) if c.pruned and c.num_keep < embeddings[i].shape[0]]
+        # A delta selects among what earlier items of its image left: they go first (a first
+        # selection, then each later turn's delta in turn order).
+        for depth in sorted({len(contexts[i].served_before) for i in todo}):
+            self._select_some([i for i in todo if len(contexts[i].served_before) == depth], embeddings, contexts,
+                              grids)
         return embeddings
 
+    def _select_some(self, todo: list[int], embeddings: list[torch.Tensor], contexts: list[PromptContext],
+                     grids: list[tuple[int, int, int] | None]) -> None:
+        start = time.perf_counter()
+        exclude = []
+        for i in todo:
+            ctx = contexts[i]
+            served = self.pio_served.union(ctx.served_before) if ctx.is_delta else None
+            if ctx.is_delta and served is None:
+                logger.warning("PIO-FVLM: a later turn's image tokens were selected without the set its earlier "
+                               "turns served (forgotten: raise PIO_FVLM_SERVED_SETS); some may repeat")
+            if served is not None and served.numel() + ctx.num_keep > ctx.num_tokens:
+                served = None
+            exclude.append(served)
+        selection, failed = self._kept_indices([embeddings[i] for i in todo], [contexts[i] for i in todo],
+                                               [grids[i] for i in todo], exclude)
+        seen = [embeddings[i].shape[0] for i in todo]
+        for j, i in enumerate(todo):
+            ctx = contexts[i]
+            kept = self.pio_served.get(ctx.image_key)
+            if kept is None or kept.numel() != ctx.num_keep:
+                # First time: this set is what the item's cached rows hold from now on.
+                kept = selection.kept[j]
+                self.pio_served.put(ctx.image_key, kept)
+            kept = kept.to(embeddings[i].device)
+            KEPT_STORE.put(ctx.image_key, kept, ctx.num_tokens)
+            embeds = embeddings[i][kept]
+            if ctx.handoff_rows > 0:
+                first = ctx.handoff_text_start
+                text = self._embed_text(ctx.suffix_ids[first: first + ctx.handoff_rows], embeds.device)
+                embeds = torch.cat([embeds, text.to(embeds.dtype)])
+            embeddings[i] = self.pio_positions.rows(embeds, kept, ctx, selection.handoff_states[j], grids[i])
+        SELECTION_STATS.record(seen, [contexts[i].num_keep for i in todo], time.perf_counter() - start, failed)
+
     def _kept_indices(self, images: list[torch.Tensor], contexts: list[PromptContext],
-                      grids: list[tuple[int, int, int] | None]) -> tuple[Selection, bool]:
+                      grids: list[tuple[int, int, int] | None],
+                      exclude: list[torch.Tensor | None]) -> tuple[Selection, bool]:
         """Kept indices (and hand-off states) per image, and whether any image's selection failed.
 
         A failure must not cost the other requests of the batch: the batch is retried one
@@ -220,12 +245,16 @@ class PioFvlmModel:
         stride (it still gets exactly its budget, without hand-off states).
         """
         budgets = [c.num_keep for c in contexts]
+
+        def stride() -> Selection:
+            return Selection([uniform_stride_among(img.shape[0], k, e, img.device)
+                              for img, k, e in zip(images, budgets, exclude)], [None] * len(images))
+
         if self.pio_settings.selector != "pio_fvlm":
-            return Selection([self._baseline_kept(img.shape[0], c, img.device) for img, c in zip(images, contexts)],
-                             [None] * len(images)), False
+            return Selection([self._baseline_kept(img.shape[0], c, e, img.device)
+                              for img, c, e in zip(images, contexts, exclude)], [None] * len(images)), False
         if self.pio_proxy is None:  # weights were never loaded through vLLM's loader
-            return Selection([uniform_stride(img.shape[0], k, img.device) for img, k in zip(images, budgets)],
-                             [None] * len(images)), True
+            return stride(), True
         device = images[0].device
 
         def prepare() -> list[ImageContext]:
@@ -236,10 +265,8 @@ class PioFvlmModel:
             # Every rank must serve the same tokens, and a rank failing alone must not leave the
             # others waiting in the proxy's all-reduce: the ranks agree, or all fall back.
             selection, failed = select_on_every_rank(
-                self.pio_proxy, prepare, budgets, self.pio_settings,
-                fallback=lambda: Selection([uniform_stride(img.shape[0], k, device) for img, k in zip(images, budgets)],
-                                           [None] * len(images)),
-                handoff_layer=self._handoff_layer_for(contexts), device=device,
+                self.pio_proxy, prepare, budgets, self.pio_settings, fallback=stride,
+                handoff_layer=self._handoff_layer_for(contexts), device=device, exclude=exclude,
             )
             if failed:
                 logger.error("PIO-FVLM selection failed on a tensor-parallel rank; every rank uses "
@@ -247,37 +274,43 @@ class PioFvlmModel:
             return selection, failed
         image_contexts = [self._image_context(img, c, g) for img, c, g in zip(images, contexts, grids)]
         try:
-            return self._run_selection(image_contexts, budgets, contexts), False
+            return self._run_selection(image_contexts, budgets, contexts, exclude), False
         except Exception:
             if len(images) == 1:
                 logger.exception("PIO-FVLM selection failed; using uniform-stride selection")
-                return Selection([uniform_stride(images[0].shape[0], budgets[0], device)], [None]), True
+                return stride(), True
             logger.warning("PIO-FVLM batched selection failed; retrying image by image")
         kept, states, failed = [], [], False
-        for ctx, k, c in zip(image_contexts, budgets, contexts):
+        for ctx, k, c, e in zip(image_contexts, budgets, contexts, exclude):
             try:
-                one = self._run_selection([ctx], [k], [c])
+                one = self._run_selection([ctx], [k], [c], [e])
                 kept += one.kept
                 states += one.handoff_states
             except Exception:
                 logger.exception("PIO-FVLM selection failed for one image; using uniform-stride selection")
-                kept.append(uniform_stride(ctx.num_image_tokens, k, device))
+                kept.append(uniform_stride_among(ctx.num_image_tokens, k, e, device))
                 states.append(None)
                 failed = True
         return Selection(kept, states), failed
 
-    def _baseline_kept(self, num_tokens: int, ctx: PromptContext, device: torch.device) -> torch.Tensor:
+    def _baseline_kept(self, num_tokens: int, ctx: PromptContext, exclude: torch.Tensor | None,
+                       device: torch.device) -> torch.Tensor:
         if self.pio_settings.selector == "uniform":
-            return uniform_stride(num_tokens, ctx.num_keep, device)
+            return uniform_stride_among(num_tokens, ctx.num_keep, exclude, device)
         # Seeded by the request's text, so a re-encoded image keeps the same tokens.
         seed = hash((num_tokens, ctx.num_keep, *ctx.prefix_ids, *ctx.suffix_ids)) & 0x7FFFFFFF
-        return seeded_random(num_tokens, ctx.num_keep, seed, device)
+        if exclude is None:
+            return seeded_random(num_tokens, ctx.num_keep, seed, device)
+        allowed = torch.ones(num_tokens, dtype=torch.bool)
+        allowed[exclude.cpu()] = False
+        free = allowed.nonzero().flatten()
+        return free[seeded_random(free.numel(), ctx.num_keep, seed)].to(device)
 
     def _run_selection(self, image_contexts: list[ImageContext], budgets: list[int],
-                       contexts: list[PromptContext]) -> Selection:
+                       contexts: list[PromptContext], exclude: list[torch.Tensor | None]) -> Selection:
         _raise_if_injected(contexts)
         return select(self.pio_proxy, image_contexts, budgets, self.pio_settings,
-                      handoff_layer=self._handoff_layer_for(contexts))
+                      handoff_layer=self._handoff_layer_for(contexts), exclude=exclude)
 
     def _handoff_layer_for(self, contexts: list[PromptContext]) -> int:
         return self.pio_handoff_layer if any(c.handoff for c in contexts) else 0

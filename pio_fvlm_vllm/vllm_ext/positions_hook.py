@@ -41,7 +41,9 @@ def initial_positions(num_tokens: int, mm_features: Sequence) -> tuple[torch.Ten
     for feature in mm_features:
         ctx = feature_context(feature)
         if ctx is not None and ctx.pruned:
-            spans.append(ImageSpan(feature.mm_position.offset, ctx.num_keep, ctx.num_tokens))
+            # A delta's rows sit at positions its image already has: the text after it
+            # continues as if the delta were not there.
+            spans.append(ImageSpan(feature.mm_position.offset, ctx.num_keep, 0 if ctx.is_delta else ctx.num_tokens))
     positions, shift = original_positions(num_tokens, spans)
     rows = positions.expand(NUM_POSITION_ROWS, -1).clone()
     if num_tokens:
@@ -63,11 +65,12 @@ def served_rows(embeds: torch.Tensor, kept: torch.Tensor, ctx: PromptContext, st
     kept = kept.to(device)
     text = torch.arange(rows, device=device)
     served = ctx.served_offset + torch.arange(kept.numel() + rows, device=device)
-    original = torch.cat([ctx.original_offset + kept, ctx.original_offset + ctx.num_tokens + text])
+    original = torch.cat([ctx.original_offset + kept, ctx.first_text_position + text])
     columns = [embeds]
     if ctx.handoff and states is not None:
         start = len(ctx.prefix_ids)
-        columns.append(states[torch.cat([start + kept, start + ctx.num_tokens + text])].to(embeds.dtype))
+        text_rows = start + ctx.num_tokens + ctx.handoff_text_start + text
+        columns.append(states[torch.cat([start + kept, text_rows])].to(embeds.dtype))
     columns += [encode_digits(served, embeds.dtype), encode_digits(original, embeds.dtype)]
     return torch.cat(columns, dim=-1)
 

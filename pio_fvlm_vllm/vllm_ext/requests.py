@@ -8,7 +8,8 @@ Accepted from: the top level of an OpenAI or Anthropic (`/v1/messages`) request 
 with a validation error naming the field (HTTP 400 on the server). Per-request
 `mm_processor_kwargs` stay behind vLLM's `--trust-request-mm-kwargs`; `visual_keep` is exempt:
 a request's unpruned prompt is bounded as stock vLLM bounds it (see `processor.py`), so a keep
-ratio cannot raise its cost above stock's.
+ratio cannot raise its cost above stock's. `visual_turns` (how a chat's later turns treat an
+image an earlier turn pruned, see `turns.py`) travels the same ways and is checked the same way.
 """
 
 from __future__ import annotations
@@ -20,16 +21,19 @@ from typing import Any
 
 from vllm.exceptions import VLLMValidationError
 
-from ..budget import VISUAL_KEEP_FIELD, validate_visual_keep
+from ..budget import VISUAL_KEEP_FIELD, VISUAL_TURNS_FIELD, validate_visual_keep, validate_visual_turns
 from . import kept_indices
 from .observability import note_rendered
 
+_PLUGIN_FIELDS = (VISUAL_KEEP_FIELD, VISUAL_TURNS_FIELD)
 
-def _validated(value: Any, where: str) -> float:
+
+def _validated(value: Any, where: str, field: str = VISUAL_KEEP_FIELD) -> Any:
+    validate = validate_visual_keep if field == VISUAL_KEEP_FIELD else validate_visual_turns
     try:
-        return validate_visual_keep(value, field=where)
+        return validate(value, field=where)
     except ValueError as exc:
-        raise VLLMValidationError(str(exc), parameter=VISUAL_KEEP_FIELD, value=value) from None
+        raise VLLMValidationError(str(exc), parameter=field, value=value) from None
 
 
 def _normalised(key: str) -> str:
@@ -53,28 +57,36 @@ def refuse_look_alikes(keys: Iterable[str], where: str = "") -> None:
             )
 
 
-def request_visual_keep(request: Any) -> float | None:
-    """The keep ratio an OpenAI request asks for, validated; None when it does not say."""
+def _request_field(request: Any, field: str) -> Any:
+    """A plugin field of an OpenAI request, validated, from wherever it was sent; None when
+    it is not. JSON null means "not set", as for every optional OpenAI field."""
     top = getattr(request, "model_extra", None) or {}
     xargs = getattr(request, "vllm_xargs", None) or {}
     mm_kwargs = getattr(request, "mm_processor_kwargs", None) or {}
-    refuse_look_alikes(top)
-    refuse_look_alikes(xargs, "vllm_xargs.")
-    refuse_look_alikes(mm_kwargs, "mm_processor_kwargs.")
-    # JSON null means "not set", as for every optional OpenAI field.
     values = {
-        where: _validated(raw, where)
-        for where, raw in ((VISUAL_KEEP_FIELD, top.get(VISUAL_KEEP_FIELD)),
-                           ("vllm_xargs.visual_keep", xargs.get(VISUAL_KEEP_FIELD)),
-                           ("mm_processor_kwargs.visual_keep", mm_kwargs.get(VISUAL_KEEP_FIELD)))
+        where: _validated(raw, where, field)
+        for where, raw in ((field, top.get(field)), (f"vllm_xargs.{field}", xargs.get(field)),
+                           (f"mm_processor_kwargs.{field}", mm_kwargs.get(field)))
         if raw is not None
     }
     if len(set(values.values())) > 1:
         raise VLLMValidationError(
-            f"visual_keep is given in several places that disagree ({values}); send one of them",
-            parameter=VISUAL_KEEP_FIELD,
+            f"{field} is given in several places that disagree ({values}); send one of them", parameter=field,
         )
     return next(iter(values.values()), None)
+
+
+def request_visual_keep(request: Any) -> float | None:
+    """The keep ratio an OpenAI request asks for, validated; None when it does not say."""
+    refuse_look_alikes(getattr(request, "model_extra", None) or {})
+    refuse_look_alikes(getattr(request, "vllm_xargs", None) or {}, "vllm_xargs.")
+    refuse_look_alikes(getattr(request, "mm_processor_kwargs", None) or {}, "mm_processor_kwargs.")
+    return _request_field(request, VISUAL_KEEP_FIELD)
+
+
+def request_visual_turns(request: Any) -> str | None:
+    """How an OpenAI request's later chat turns treat earlier turns' images; None: unsaid."""
+    return _request_field(request, VISUAL_TURNS_FIELD)
 
 
 def _check_model_supported(model_config: Any) -> None:
@@ -98,15 +110,16 @@ def _route_online(preprocess):
     @functools.wraps(preprocess)
     async def wrapper(self, request, *args, **kwargs):
         keep = request_visual_keep(request)
+        turns = request_visual_turns(request)
         try:
             wants_kept = kept_indices.requested(getattr(request, "model_extra", None) or {},
                                                 bool(getattr(request, "stream", False)))
         except ValueError as exc:
             raise VLLMValidationError(str(exc), parameter=kept_indices.FIELD) from None
-        if keep is not None or wants_kept:
+        if keep is not None or wants_kept or turns is not None:
             _check_model_supported(self.model_config)
             current = getattr(request, "mm_processor_kwargs", None) or {}
-            request.mm_processor_kwargs = {**current, VISUAL_KEEP_FIELD: keep}
+            request.mm_processor_kwargs = {**current, VISUAL_KEEP_FIELD: keep, VISUAL_TURNS_FIELD: turns}
         result = await preprocess(self, request, *args, **kwargs)
         # preprocess_chat returns (conversation, engine_inputs), preprocess_cmpl engine_inputs.
         engine_inputs = result[1] if isinstance(result, tuple) else result
@@ -122,7 +135,7 @@ def _exempt_visual_keep(validate):
     @functools.wraps(validate)
     def wrapper(*, mm_processor_kwargs, **kwargs):
         if mm_processor_kwargs:
-            mm_processor_kwargs = {k: v for k, v in mm_processor_kwargs.items() if k != VISUAL_KEEP_FIELD}
+            mm_processor_kwargs = {k: v for k, v in mm_processor_kwargs.items() if k not in _PLUGIN_FIELDS}
         return validate(mm_processor_kwargs=mm_processor_kwargs, **kwargs)
 
     wrapper.__pio_fvlm__ = True
@@ -136,6 +149,18 @@ def params_visual_keep(params: Any) -> float | None:
     return validate_visual_keep(extra[VISUAL_KEEP_FIELD], field="extra_args.visual_keep")
 
 
+def params_plugin_kwargs(params: Any) -> dict[str, Any]:
+    """The plugin's processor kwargs a `SamplingParams` asks for in `extra_args`, validated."""
+    extra = getattr(params, "extra_args", None) or {}
+    kwargs: dict[str, Any] = {}
+    if extra.get(VISUAL_KEEP_FIELD) is not None:
+        kwargs[VISUAL_KEEP_FIELD] = params_visual_keep(params)
+    if extra.get(VISUAL_TURNS_FIELD) is not None:
+        kwargs[VISUAL_TURNS_FIELD] = validate_visual_turns(extra[VISUAL_TURNS_FIELD],
+                                                           field=f"extra_args.{VISUAL_TURNS_FIELD}")
+    return kwargs
+
+
 def _route_offline(add_requests, items_arg: str, to_seq):
     """Offline entry points render every prompt with one shared `mm_processor_kwargs`; when
     any SamplingParams names a keep ratio, prompts are rendered one at a time, in order."""
@@ -144,13 +169,13 @@ def _route_offline(add_requests, items_arg: str, to_seq):
     def wrapper(self, **kwargs):
         seq_items = to_seq(kwargs[items_arg])
         seq_params = self._params_to_seq(kwargs["params"], len(seq_items))
-        keeps = [params_visual_keep(p) for p in seq_params]
-        if all(k is None for k in keeps):
+        asked = [params_plugin_kwargs(p) for p in seq_params]
+        if not any(asked):
             return add_requests(self, **kwargs)
         base = kwargs.get("mm_processor_kwargs") or {}
         request_ids: list[str] = []
-        for item, params, keep in zip(seq_items, seq_params, keeps):
-            mm_kwargs = base if keep is None else {**base, VISUAL_KEEP_FIELD: keep}
+        for item, params, plugin_kwargs in zip(seq_items, seq_params, asked):
+            mm_kwargs = {**base, **plugin_kwargs}
             one = {**kwargs, items_arg: [item], "params": [params], "mm_processor_kwargs": mm_kwargs or None}
             request_ids += add_requests(self, **one)
         return request_ids
@@ -167,7 +192,7 @@ def _carry_anthropic_extras(build):
     def wrapper(cls, anthropic_request, *args, **kwargs):
         request = build(cls, anthropic_request, *args, **kwargs)
         extra = getattr(anthropic_request, "model_extra", None) or {}
-        carried = {k: v for k, v in extra.items() if k == VISUAL_KEEP_FIELD or _looks_like_visual_keep(k)}
+        carried = {k: v for k, v in extra.items() if k in _PLUGIN_FIELDS or _looks_like_visual_keep(k)}
         return request.model_copy(update=carried) if carried else request
 
     wrapper.__pio_fvlm__ = True
@@ -199,6 +224,9 @@ def install_request_routing() -> None:
             setattr(owner, name, wrap(current))
 
     patch(online_renderer, "validate_request_mm_kwargs", _exempt_visual_keep)
+    from .turns import install_turn_boundaries
+
+    install_turn_boundaries()
     patch(online_renderer.OnlineRenderer, "preprocess_chat", _route_online)
     patch(online_renderer.OnlineRenderer, "preprocess_cmpl", _route_online)
     from vllm.entrypoints.scale_out.token_in_token_out.serving import ServingTokens

@@ -40,7 +40,8 @@ class MultimodalRotaryHook:
 
     def initial(self, input_tokens: list[int], mm_features: Sequence) -> tuple[torch.Tensor, int]:
         spans = [GridSpan(f.mm_position.offset, f.mm_position.length,
-                          merged_grid(f.data["image_grid_thw"].data, self.merge_size)) for f in mm_features]
+                          merged_grid(f.data["image_grid_thw"].data, self.merge_size),
+                          delta=(ctx := feature_context(f)) is not None and ctx.is_delta) for f in mm_features]
         positions, _, delta = mrope_layout(len(input_tokens), spans)
         return positions, delta
 
@@ -115,10 +116,13 @@ class QwenVLProcessor(PioFvlmProcessor):
     def item_num_tokens(self, item) -> int:
         return int(item["image_grid_thw"].data.prod()) // self._merge_size() ** 2
 
-    def _original_offsets(self, mm_items, placeholders: list, counts: list[int]) -> list[int]:
-        spans = [GridSpan(p.offset, p.length, self._image_grid(mm_items, i)) for i, p in enumerate(placeholders)]
-        end = max(p.offset + p.length for p in placeholders)
-        return mrope_layout(end, spans)[1]
+    def _image_bases(self, mm_items, items) -> list[int]:
+        spans = [GridSpan(it.offset, it.num_keep, self._image_grid(mm_items, it.image), delta=it.delta is not None)
+                 for it in items]
+        end = max(it.offset + it.num_keep for it in items)
+        bases = iter(mrope_layout(end, spans)[1])
+        first = {it.image: next(bases) for it in items if it.delta is None}
+        return [first[it.image] for it in items]
 
     def apply(self, inputs, timing_ctx):
         if len(inputs.mm_data_items.get("video", ())) and self._request_prunes(inputs):
