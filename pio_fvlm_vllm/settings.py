@@ -172,6 +172,13 @@ class PioFvlmSettings(BaseSettings):
         description="incremental: tokens a later turn adds to an earlier turn's image, as a share of "
         "that image's first budget k (never more than remain unserved); 0 adds none.",
     )
+    vision_cache_mb: int = Field(
+        1024,
+        ge=0,
+        description="Host memory (MiB) per worker for vision-tower outputs, so a later question "
+        "about a recently seen image runs no vision tower (an image of N tokens costs N x hidden "
+        "size x dtype bytes: 23.6 MB for LLaVA-NeXT-7B's 2880 tokens in bf16); 0 turns it off.",
+    )
     served_sets: int = Field(
         16384,
         ge=0,

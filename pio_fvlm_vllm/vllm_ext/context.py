@@ -19,7 +19,7 @@ KEEP_ALL = -1
 NO_HANDOFF = -1
 
 
-_HEADER = 10
+_HEADER = 11
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ class PromptContext:
     # A later turn's delta: the keys of the items of the same image served before it (its first
     # selection, then earlier deltas); it selects among the tokens none of them kept.
     served_before: tuple[int, ...] = ()
+    # The image's pixels alone (its stock multimodal hash, shortened): the vision tower's output
+    # depends on nothing else, so every question about the image can share it; 0: none.
+    vision_key: int = 0
 
     @property
     def pruned(self) -> bool:
@@ -65,7 +68,7 @@ class PromptContext:
         return torch.tensor(
             [self.num_keep, self.num_tokens, self.served_offset, self.original_offset,
              self.handoff_rows, self.image_key, self.handoff_text_start, self.text_position,
-             len(self.served_before), len(self.prefix_ids), *self.served_before, *self.prefix_ids,
+             len(self.served_before), len(self.prefix_ids), self.vision_key, *self.served_before, *self.prefix_ids,
              *self.suffix_ids],
             dtype=torch.int64,
         )
@@ -81,7 +84,7 @@ class PromptContext:
         start = _HEADER + num_before
         return cls(*values[:5], values[start: start + num_prefix], values[start + num_prefix:],
                    image_key=values[5], handoff_text_start=values[6], text_position=values[7],
-                   served_before=tuple(values[_HEADER:start]))
+                   served_before=tuple(values[_HEADER:start]), vision_key=values[10])
 
 
 def image_contexts(prompt_ids: list[int], image_token_id: int) -> list[tuple[list[int], list[int]]]:

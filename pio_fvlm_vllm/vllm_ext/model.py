@@ -31,7 +31,7 @@ from .families import FAMILIES, model_prunes, pruned_architecture
 from .handoff import HandoffBuffers
 from .kept_indices import KEPT_STORE
 from .positions_hook import PositionsHook
-from .served import ServedSets
+from .served import ServedSets, VisionCache
 from .stats import SELECTION_STATS
 
 logger = init_logger("vllm.pio_fvlm")
@@ -93,6 +93,7 @@ class PioFvlmModel:
         self.pio_tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.pio_proxy: ProxyWeights | None = None
         self.pio_served = ServedSets(self.pio_settings.served_sets)
+        self.pio_vision = VisionCache(self.pio_settings.vision_cache_mb << 20)
         self.quant_method = ProxySnapshotHook()
         model_config = vllm_config.model_config
         if not FAMILIES[pruned_architecture(model_config.architectures, model_config.hf_config)].handoff:
@@ -162,6 +163,7 @@ class PioFvlmModel:
             tp_group = get_tp_group().device_group
         # Accelerator parameters stay in place: views are enough there.
         copy = next(self.language_model.parameters()).device.type == "cpu"
+        self.pio_vision.clear()  # outputs of the weights before, if these are reloaded ones
         self.pio_proxy = snapshot_proxy_weights(
             self.language_model, self.config.text_config, self.pio_proxy_layers, copy=copy,
             tp_group=tp_group,
@@ -175,13 +177,28 @@ class PioFvlmModel:
     def embed_multimodal(self, **kwargs: object):
         packed = kwargs.pop(CONTEXT_FIELD, None)
         grids = self._image_grids(kwargs)
-        embeddings = super().embed_multimodal(**kwargs)
-        if packed is None or len(embeddings) == 0:
+        contexts = [PromptContext.unpack(p) for p in _as_list(packed)] if packed is not None else None
+        embeddings = self._vision_outputs(kwargs, contexts)
+        if contexts is None or len(embeddings) == 0:
             return embeddings
-        contexts = [PromptContext.unpack(p) for p in _as_list(packed)]
         if len(contexts) != len(embeddings):
             raise RuntimeError(f"{len(contexts)} PIO-FVLM contexts for {len(embeddings)} images")
         return self._select(list(embeddings), contexts, grids or [None] * len(contexts))
+
+    def _vision_outputs(self, kwargs: dict, contexts: list[PromptContext] | None):
+        """The vision tower's outputs, from the vision cache when it holds every image of the
+        batch (a later turn's delta, another question about a recent image)."""
+        cacheable = self.pio_enabled and contexts is not None and all(c.pruned for c in contexts)
+        if cacheable:
+            device = next(self.language_model.parameters()).device
+            cached = self.pio_vision.get_all([c.vision_key for c in contexts], device)
+            if cached is not None:
+                return cached
+        embeddings = super().embed_multimodal(**kwargs)
+        if cacheable and len(embeddings) == len(contexts):
+            for ctx, output in zip(contexts, embeddings):
+                self.pio_vision.put(ctx.vision_key, output)
+        return embeddings
 
     def _image_grids(self, kwargs: dict) -> list[tuple[int, int, int]] | None:
         """Each image's (t, h, w) token grid, for families with multimodal rotary positions."""

@@ -213,6 +213,7 @@ class PioFvlmProcessor:
         bases = self._image_bases(inputs.mm_data_items, items)
         text_positions = self._text_positions(items)
         around = image_contexts(prompt, image_id)
+        vision = [image_key(h) for h in self._vision_hashes(inputs).get("image", [])]
         keys: dict[int, list[int]] = {}
         for item, base, text_position in zip(items, bases, text_positions):
             prefix, suffix = around[item.image]
@@ -225,7 +226,7 @@ class PioFvlmProcessor:
                 handoff_text_start=(text_count(prompt, image_id, item.delta.insert) - len(prefix)
                                     if item.delta is not None else 0),
                 text_position=text_position if item.delta is not None else -1,
-                served_before=before,
+                served_before=before, vision_key=vision[item.image],
             )
             IMAGE_TOTALS.put(item.mm_hash, item.num_keep, 0 if item.delta is not None else item.num_tokens)
             if item.rows > 0:
@@ -311,14 +312,19 @@ class PioFvlmProcessor:
         cuts = kwargs.get(_CUTS_KWARG)
         if cuts is None:
             return super()._get_mm_hashes(inputs)
-        public = {k: v for k, v in kwargs.items() if k != _CUTS_KWARG}
-        hashes = super()._get_mm_hashes(replace(inputs, hf_processor_mm_kwargs=public))
-        # An image's selection sees the prompt up to its cut; the same image twice in one
-        # prompt is two selections. Every later turn of a chat rebuilds the same hash.
+        hashes = self._vision_hashes(inputs)
+        # An image's selection depends on the keep and on the prompt up to its cut; the same
+        # image twice in one prompt is two selections. Every later turn of a chat rebuilds it.
+        keep = kwargs[_KEEP_KWARG]
         prompt = list(inputs.prompt)
-        images = [hashlib.sha256(f"{h}#{i}#{token_digest(prompt[:cut])}".encode()).hexdigest()
+        images = [hashlib.sha256(f"{h}#keep={keep}#{i}#{token_digest(prompt[:cut])}".encode()).hexdigest()
                   for i, (h, cut) in enumerate(zip(hashes.get("image", []), cuts))]
         return {**hashes, "image": images} if "image" in hashes else hashes
+
+    def _vision_hashes(self, inputs):
+        """Stock vLLM's hashes of the items: what the vision tower's output depends on."""
+        public = {k: v for k, v in inputs.hf_processor_mm_kwargs.items() if k not in _PRIVATE_KWARGS}
+        return super()._get_mm_hashes(replace(inputs, hf_processor_mm_kwargs=public))
 
     def _apply_hf_processor_main(self, mm_items, hf_kwargs, *args, **kwargs):
         hf_kwargs = {k: v for k, v in hf_kwargs.items() if k not in _PRIVATE_KWARGS}

@@ -53,3 +53,52 @@ class ServedSets:
     def clear(self) -> None:
         with self._lock:
             self._sets.clear()
+
+
+class VisionCache:
+    """The vision tower's outputs per image (by `PromptContext.vision_key`), bounded in bytes.
+
+    A chat's later turns (and any other question about an image seen recently) need the image's
+    N embeddings again, for the proxy pass and for a delta's rows; they do not depend on the
+    question. Kept in host memory so the KV cache, sized after profiling, never loses room to
+    it; a hit costs one copy back to the device. Cleared when the weights are (re)loaded.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self._entries: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self.max_bytes = max_bytes
+
+    def get_all(self, keys: list[int], device: torch.device) -> list[torch.Tensor] | None:
+        """Every key's output on `device`, or None unless all are held."""
+        if self.max_bytes <= 0 or not keys or any(k <= 0 for k in keys):
+            return None
+        with self._lock:
+            if any(k not in self._entries for k in keys):
+                return None
+            found = []
+            for k in keys:
+                self._entries.move_to_end(k)
+                found.append(self._entries[k])
+        return [t.to(device, non_blocking=True) for t in found]
+
+    def put(self, key: int, output: torch.Tensor) -> None:
+        size = output.numel() * output.element_size()
+        if self.max_bytes <= 0 or key <= 0 or size > self.max_bytes:
+            return
+        stored = output.detach().to("cpu", copy=True)
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.numel() * old.element_size()
+            self._entries[key] = stored
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= dropped.numel() * dropped.element_size()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
