@@ -75,6 +75,7 @@ class Result:
     max_concurrent_fit: int | None
     selection_s_per_image: float | None
     extras: dict = field(default_factory=dict)
+    cached_tokens_mean: float = 0.0  # prompt tokens served from the prefix cache
 
 
 def percentile(values, q):
@@ -86,7 +87,7 @@ def percentile(values, q):
 
 
 def one_request(client, model, messages, keep, max_tokens):
-    body = {"ignore_eos": True}
+    body: dict = {"ignore_eos": True}
     if keep is not None:
         body["visual_keep"] = keep
     start = time.perf_counter()
@@ -102,9 +103,12 @@ def one_request(client, model, messages, keep, max_tokens):
         if chunk.usage is not None:
             usage = chunk.usage
     total = time.perf_counter() - start
+    cached = 0
     if usage is not None:
         out_tokens = usage.completion_tokens
-    return (first if first is not None else total), total, usage.prompt_tokens if usage else 0, out_tokens
+        details = getattr(usage, "prompt_tokens_details", None)
+        cached = (details.cached_tokens or 0) if details is not None else 0
+    return (first if first is not None else total), total, usage.prompt_tokens if usage else 0, out_tokens, cached
 
 
 def run_config(base_url, model, name, keep, concurrency, workload, max_tokens) -> Result:
@@ -158,9 +162,10 @@ def run_config(base_url, model, name, keep, concurrency, workload, max_tokens) -
     fit = int(capacity // (mean_prompt + max_tokens)) if capacity and prompt else None
     images = metric(after, "pio_fvlm_images_pruned_total") - metric(before, "pio_fvlm_images_pruned_total")
     sel = metric(after, "pio_fvlm_selection_seconds_total") - metric(before, "pio_fvlm_selection_seconds_total")
+    cached = statistics.mean(r[4] for r in results) if results else float("nan")
     return Result(name, keep, concurrency, len(workload), errors, percentile(ttft, 0.5), percentile(ttft, 0.99),
                   percentile(lat, 0.5), percentile(lat, 0.99), len(results) / wall, out / wall, mean_prompt,
-                  peak[0], fit, (sel / images) if images else None)
+                  peak[0], fit, (sel / images) if images else None, cached_tokens_mean=cached)
 
 
 def workload(n, seed=0):
@@ -175,9 +180,9 @@ def table(results: list[Result]) -> str:
     stock = {r.concurrency: r for r in results if r.config == "stock"}
     free = {(r.keep, r.concurrency): r for r in results if r.config.startswith(FREE)}
     lines = ["| config | conc. | TTFT p50 s | TTFT p99 s | latency p50 s | req/s | out tok/s | "
-             "prompt tok/req | KV peak | fits at once | selection s/image | selection / TTFT | TTFT vs stock | "
+             "prompt tok/req | cached tok/req | KV peak | fits at once | selection s/image | selection / TTFT | TTFT vs stock | "
              "req/s vs stock | of free selection's gain (TTFT / req/s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         base = stock.get(r.concurrency)
         ttft_x = f"{base.ttft_p50 / r.ttft_p50:.2f}x" if base else "-"
@@ -192,6 +197,7 @@ def table(results: list[Result]) -> str:
             kept = f"{ceiling.ttft_p50 / r.ttft_p50:.0%} / {r.requests_per_s / ceiling.requests_per_s:.0%}"
         lines.append(f"| {r.config} | {r.concurrency} | {r.ttft_p50:.3f} | {r.ttft_p99:.3f} | {r.latency_p50:.3f} | "
                      f"{r.requests_per_s:.3f} | {r.output_tokens_per_s:.1f} | {r.prompt_tokens_mean:.0f} | "
+                     f"{r.cached_tokens_mean:.0f} | "
                      f"{r.kv_usage_peak:.1%} | {r.max_concurrent_fit or '-'} | {sel} | {share} | {ttft_x} | "
                      f"{rps_x} | {kept} |")
     errors = sum(r.errors for r in results)
@@ -265,8 +271,9 @@ def main(argv=None):
             p.error(f"--server-env must be NAME=VALUE, got {item!r}")
         server_env[name] = value
 
-    # Prefix caching off and fresh images every round: the runs measure compute, not caches.
-    serve_args = ["--dtype", args.dtype, "--max-model-len", "4096", "--no-enable-prefix-caching",
+    # vLLM's defaults (prefix caching on); fresh images every round, so a request reuses at
+    # most the text before its image: the runs measure compute. Multi-turn reuse: benchmarks.turns.
+    serve_args = ["--dtype", args.dtype, "--max-model-len", "4096", "--enable-prompt-tokens-details",
                   *args.server_arg]
     if args.load_format:
         serve_args += ["--load-format", args.load_format]
@@ -305,8 +312,8 @@ def main(argv=None):
     body = table(results)
     print(body)
     intro = (f"Workload: {args.requests} chat requests, one image each, sizes cycling through {SIZES}, "
-             f"max_tokens={args.max_tokens} (ignore_eos), dtype {args.dtype}, prefix caching off, every "
-             f"round with images not seen before"
+             f"max_tokens={args.max_tokens} (ignore_eos), dtype {args.dtype}, prefix caching on (vLLM's "
+             f"default; 'cached tok/req' is what it served), every round with images not seen before"
              f"{', --load-format ' + args.load_format if args.load_format else ''}; stock = vLLM with no "
              f"plugin loaded (VLLM_PLUGINS=''), same arguments"
              f"{'; every server with ' + ', '.join(args.server_env) if args.server_env else ''}"

@@ -125,7 +125,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     # vLLM's defaults: prefix caching and chunked prefill on.
-    serve_args = ["--dtype", args.dtype, "--max-model-len", "8192", "--enable-prompt-tokens-details"]
+    serve_args = ["--dtype", args.dtype, "--max-model-len", "4096", "--enable-prompt-tokens-details"]
     if args.load_format:
         serve_args += ["--load-format", args.load_format]
     model = str(Path(args.checkpoint))

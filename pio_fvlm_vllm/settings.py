@@ -179,6 +179,14 @@ class PioFvlmSettings(BaseSettings):
         "about a recently seen image runs no vision tower (an image of N tokens costs N x hidden "
         "size x dtype bytes: 23.6 MB for LLaVA-NeXT-7B's 2880 tokens in bf16); 0 turns it off.",
     )
+    proxy_cache_mb: int = Field(
+        2048,
+        ge=0,
+        description="Host memory (MiB) per worker for the proxy's states over recent selections' "
+        "sequences, so a later turn's proxy pass runs its new rows only (an image costs the full "
+        "proxy layers' keys, values and outputs over its sequence: about 72 MB for LLaVA-NeXT-7B's "
+        "~2,950 rows in bf16 at K = 2); 0 turns it off.",
+    )
     served_sets: int = Field(
         16384,
         ge=0,

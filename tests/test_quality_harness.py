@@ -132,3 +132,19 @@ def test_committed_checkpoint_answers_and_pio_fvlm_outranks_random():
     methods = result["methods"]
     agree = {name: methods[name][0.05]["agree"] / methods[name][0.05]["n"] for name in methods}
     assert agree[SERVED_NAME] >= agree["random (original positions)"] + 0.1, agree
+
+
+def test_dialogue_split_is_held_out_and_scored_against_full_tokens_per_turn():
+    from benchmarks.quality.reductions import VALIDATION_SEEDS
+    from benchmarks.quality.task import TEST_SEEDS
+    from benchmarks.quality.turns import DIALOGUE_SEEDS, score
+
+    # Training draws dialogues below TEST_SEEDS; the test and validation splits come next.
+    assert DIALOGUE_SEEDS.start >= VALIDATION_SEEDS.stop > TEST_SEEDS.stop
+    dialogues = [make_dialogue(s) for s in list(DIALOGUE_SEEDS)[:3]]
+    truth = [[t.answer for t in d.turns] for d in dialogues]
+    wrong_later = [[a[0]] + ["?"] * (len(a) - 1) for a in truth]
+    s = score(dialogues, wrong_later, truth)
+    assert s["first_accuracy"] == 1.0 and s["later_accuracy"] == 0.0 and s["later_of_full"] == 0.0
+    assert s["later_turns"] == sum(len(d.turns) - 1 for d in dialogues) > 0
+    assert score(dialogues, truth, truth)["later_of_full"] == 1.0

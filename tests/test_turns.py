@@ -162,3 +162,50 @@ def test_served_sets_and_vision_cache_are_bounded():
     assert cache.get_all([1, 3], torch.device("cpu")) is None
     assert cache.get_all([2, 3], torch.device("cpu")) is not None
     assert cache.get_all([0], torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("handoff_layer", [0, 1])
+def test_a_pass_continued_from_its_past_equals_the_whole_pass(proxy, handoff_layer):
+    """A later turn's proxy pass runs only the rows after the earlier turn's: the scores, the
+    hand-off states and the past it leaves are those of one pass over the whole sequence."""
+    from pio_fvlm_vllm.algorithm.saliency import gradient_saliency
+
+    from .test_algorithm import _context
+
+    whole = _context(n=30, p=3, s=12, seed=7)
+    earlier = type(whole)(whole.image_embeds, whole.prefix_embeds, whole.suffix_embeds[:5])
+    kwargs = dict(handoff_layer=handoff_layer, keep_past=True)
+    first = gradient_saliency(proxy, [earlier], **kwargs)
+    continued = gradient_saliency(proxy, [whole], past=first.pasts[0], **kwargs)
+    reference = gradient_saliency(proxy, [whole], **kwargs)
+    plain = gradient_saliency(proxy, [whole], handoff_layer=handoff_layer)
+    torch.testing.assert_close(continued.scores, reference.scores)
+    torch.testing.assert_close(reference.scores, plain.scores)
+    if handoff_layer:
+        torch.testing.assert_close(continued.handoff_states[0], plain.handoff_states[0])
+    for a, b in zip(continued.pasts[0].keys + continued.pasts[0].states,
+                    reference.pasts[0].keys + reference.pasts[0].states):
+        torch.testing.assert_close(a, b)
+    # A past is refused where it cannot be continued.
+    with pytest.raises(ValueError, match="cannot continue"):
+        gradient_saliency(proxy, [earlier], past=reference.pasts[0])
+
+
+def test_token_in_contexts_lose_their_vision_cache_key():
+    """A token-in request's pixels cannot be checked against the key it names: it neither
+    reads nor fills the vision cache."""
+    from types import SimpleNamespace
+
+    from vllm.entrypoints.scale_out.token_in_token_out.mm_serde import decode_mm_kwargs_item, encode_mm_kwargs_item
+    from vllm.multimodal.inputs import MultiModalBatchedField, MultiModalFieldElem, MultiModalKwargsItem
+
+    from pio_fvlm_vllm.vllm_ext.context import CONTEXT_FIELD
+    from pio_fvlm_vllm.vllm_ext.token_in import without_vision_keys
+
+    ctx = PromptContext(4, 40, 3, 3, -1, [1, 2], [3], image_key=5, vision_key=77)
+    item = MultiModalKwargsItem({CONTEXT_FIELD: MultiModalFieldElem(data=ctx.pack(),
+                                                                    field=MultiModalBatchedField(keep_on_cpu=True))})
+    features = SimpleNamespace(kwargs_data={"image": [encode_mm_kwargs_item(item)]}, mm_metadata=None)
+    without_vision_keys(features)
+    back = PromptContext.unpack(decode_mm_kwargs_item(features.kwargs_data["image"][0])[CONTEXT_FIELD].data)
+    assert back.vision_key == 0 and back == PromptContext(4, 40, 3, 3, -1, [1, 2], [3], image_key=5)

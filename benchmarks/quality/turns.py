@@ -67,8 +67,9 @@ def score(dialogues, answers: list[list[str]], full: list[list[str]]) -> dict:
                 first, first_ok, first_full = first + 1, first_ok + ok, first_full + ok_full
             else:
                 later, later_ok, later_full = later + 1, later_ok + ok, later_full + ok_full
-    return {"first_turns": first, "first_accuracy": first_ok / first, "first_of_full": first_ok / max(1, first_full),
-            "later_turns": later, "later_accuracy": later_ok / later, "later_of_full": later_ok / max(1, later_full)}
+    ratio = lambda ok, full_ok: ok / full_ok if full_ok else float("nan")  # noqa: E731
+    return {"first_turns": first, "first_accuracy": first_ok / first, "first_of_full": ratio(first_ok, first_full),
+            "later_turns": later, "later_accuracy": later_ok / later, "later_of_full": ratio(later_ok, later_full)}
 
 
 def main(argv=None):

@@ -221,18 +221,52 @@ def decoder_layer(
     tp_group=None,
 ) -> torch.Tensor:
     """x: (B, L, D) -> (B, L, D); one pre-norm decoder layer (this rank's shard under TP)."""
+    return decoder_layer_kv(x, w, shape, cos, sin, tp_group)[0]
+
+
+def decoder_layer_kv(
+    x: torch.Tensor,
+    w: DecoderLayerWeights,
+    shape: DecoderShape,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    tp_group=None,
+    past: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`decoder_layer` over rows that continue a sequence whose first rows' rotated keys and
+    values are `past` ((B, Hkv, L0, Dh) each; cos/sin: the new rows' positions only).
+
+    Returns the new rows' outputs (B, L, D) and the whole sequence's rotated keys and values
+    (B, Hkv, L0 + L, Dh): what a later continuation needs as its `past`.
+    """
     bsz, seq, _ = x.shape
     h = _copy_to_tp(rms_norm(x, w.input_norm, shape.rms_norm_eps), tp_group)
     q, k, v = _project_qkv(h, w, shape)
     q = _head_norm(q.view(bsz, seq, shape.num_heads, shape.head_dim), w.q_norm, shape)
     k = _head_norm(k.view(bsz, seq, shape.num_kv_heads, shape.head_dim), w.k_norm, shape)
-    v = v.view(bsz, seq, shape.num_kv_heads, shape.head_dim)
+    v = v.view(bsz, seq, shape.num_kv_heads, shape.head_dim).transpose(1, 2)
     q = apply_rotary(q.transpose(1, 2), cos, sin)
     k = apply_rotary(k.transpose(1, 2), cos, sin)
-    attn = causal_attention(q, k, v.transpose(1, 2))  # (B, H, L, Dh)
+    if past is None:
+        attn = causal_attention(q, k, v)  # (B, H, L, Dh)
+    else:
+        k, v = torch.cat([past[0].to(k.dtype), k], dim=2), torch.cat([past[1].to(v.dtype), v], dim=2)
+        attn = _continued_attention(q, k, v)
     x = _residual(x, _reduce_from_tp(F.linear(attn.transpose(1, 2).reshape(bsz, seq, -1), w.o_proj), tp_group))
     h = _copy_to_tp(rms_norm(x, w.post_norm, shape.rms_norm_eps), tp_group)
-    return _residual(x, _reduce_from_tp(_mlp(h, w), tp_group))
+    return _residual(x, _reduce_from_tp(_mlp(h, w), tp_group)), k, v
+
+
+def _continued_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q: (B, H, L, Dh) the last L rows of a sequence whose keys/values k, v (B, Hkv, L0 + L, Dh)
+    are all there: each new row sees every earlier row and itself."""
+    if k.shape[1] != q.shape[1]:
+        groups = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    num_new, total = q.shape[2], k.shape[2]
+    mask = torch.ones(num_new, total, dtype=torch.bool, device=q.device).tril(total - num_new)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def _project_qkv(h: torch.Tensor, w: DecoderLayerWeights,

@@ -36,8 +36,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .decoder import (ProxyWeights, decoder_layer, decoder_layer_at, normed_input_saliency_at, rms_norm, rotary_cos_sin,
-                      upcast)
+from .decoder import (ProxyWeights, decoder_layer, decoder_layer_at, decoder_layer_kv, normed_input_saliency_at, rms_norm,
+                      rotary_cos_sin, upcast)
 
 LossPositions = Literal["last", "four_before_last"]
 
@@ -93,6 +93,27 @@ class ImageContext:
 
 
 @dataclass
+class ProxyPast:
+    """What a proxy pass leaves for one that continues the same sequence (a later turn's
+    question after an earlier one's): over the sequence's first `length` rows, the rotated keys
+    and values of the layers that run in full, and the states after each of them. Attention
+    is causal, so those rows' states do not depend on anything after them."""
+
+    length: int
+    keys: list[torch.Tensor]  # per full layer: (Hkv, length, Dh)
+    values: list[torch.Tensor]  # per full layer: (Hkv, length, Dh)
+    states: list[torch.Tensor]  # per full layer: (length, D), its output
+
+    def to(self, device) -> "ProxyPast":
+        move = lambda ts: [t.to(device) for t in ts]  # noqa: E731
+        return ProxyPast(self.length, move(self.keys), move(self.values), move(self.states))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values, *self.states))
+
+
+@dataclass
 class Saliency:
     scores: torch.Tensor  # (B, Nmax) at least float32, -inf past each image's N
     features: torch.Tensor  # (B, Nmax, D) hidden states of the image tokens where scored
@@ -100,6 +121,8 @@ class Saliency:
     # Per context (L_b, D): the residual stream after `handoff_layer` decoder layers over the
     # whole sequence [prefix, image, suffix]; None when no hand-off layer was asked for.
     handoff_states: list[torch.Tensor] | None = None
+    # Per context: its pass's `ProxyPast` over its whole sequence, when asked for.
+    pasts: list[ProxyPast] | None = None
 
 
 def _pack(contexts: list[ImageContext], dtype: torch.dtype) -> tuple[torch.Tensor, list[int]]:
@@ -164,6 +187,8 @@ def gradient_saliency(
     reduction: Literal["grad_x_normed", "grad_x_input", "grad_norm"] = "grad_x_normed",
     handoff_layer: int = 0,
     loss_positions: LossPositions = "last",
+    past: ProxyPast | None = None,
+    keep_past: bool = False,
 ) -> Saliency:
     """Scores the image tokens of every context by the gradient of the layer-K proxy loss.
 
@@ -171,6 +196,10 @@ def gradient_saliency(
     gradient is taken at the input of the remaining ones. With `handoff_layer` h > 0 (at most
     K - backprop_layers, so it costs no extra layer) the full-sequence states after layer h
     are returned too: the served prefill takes them over for the kept rows.
+
+    `past` (one context; grad_x_normed): an earlier pass over this context's first rows, so
+    the full layers run over the rows after them only. `keep_past`: return each context's
+    `ProxyPast` (grad_x_normed, where the gradient layer needs no past of its own).
     """
     if not contexts:
         raise ValueError("gradient_saliency needs at least one image context")
@@ -186,24 +215,36 @@ def gradient_saliency(
             f"handoff_layer must be in [0, {num_layers - backprop_layers}] (K - backprop_layers), "
             f"got {handoff_layer}"
         )
+    if (past is not None or keep_past) and reduction != "grad_x_normed":
+        raise ValueError("a proxy past needs saliency grad_x_normed (the gradient layer keeps no past)")
+    if past is not None and len(contexts) != 1:
+        raise ValueError(f"a proxy past continues one context, got {len(contexts)}")
     shape = weights.shape
     dtype = weights.lm_head.dtype
     handoff = None
+    pasts = None
     with torch.inference_mode(False), torch.enable_grad():
         x, lengths = _pack(contexts, dtype)
         bsz, seq, _ = x.shape
         cos, sin = rotary_cos_sin(_positions(contexts, seq, shape.mrope_section is not None), shape.head_dim,
                                   shape.rope_theta, dtype, shape.mrope_section, shape.mrope_interleaved)
+        first_grad_layer = num_layers - backprop_layers
+        with torch.no_grad():
+            if past is not None or keep_past:
+                x, states, pasts = _full_layers(weights, contexts, x, lengths, cos, sin, first_grad_layer, past)
+                if handoff_layer:
+                    after_h = states[handoff_layer - 1]
+                    handoff = [after_h[b, :n] for b, n in enumerate(lengths)]
+            else:
+                for i in range(first_grad_layer):
+                    x = _add_deepstack(decoder_layer(x, weights.layers[i], shape, cos, sin, weights.tp_group),
+                                       contexts, i)
+                    if i + 1 == handoff_layer:
+                        handoff = [x[b, :n] for b, n in enumerate(lengths)]
 
         def layer(i: int, x: torch.Tensor) -> torch.Tensor:
             return _add_deepstack(decoder_layer(x, weights.layers[i], shape, cos, sin, weights.tp_group), contexts, i)
 
-        first_grad_layer = num_layers - backprop_layers
-        with torch.no_grad():
-            for i in range(first_grad_layer):
-                x = layer(i, x)
-                if i + 1 == handoff_layer:
-                    handoff = [x[b, :n] for b, n in enumerate(lengths)]
         x_in = x.detach().requires_grad_(True)
         x = x_in
         for i in range(first_grad_layer, num_layers - 1):
@@ -237,4 +278,32 @@ def gradient_saliency(
             scores[b, :n] = upcast(grad[b, start : start + n]).norm(dim=-1)
         features[b, :n] = x_in[b, start : start + n].detach()
     return Saliency(scores=scores, features=features, num_tokens=[c.num_image_tokens for c in contexts],
-                    handoff_states=handoff)
+                    handoff_states=handoff, pasts=pasts if keep_past else None)
+
+
+def _full_layers(weights: ProxyWeights, contexts: list[ImageContext], x: torch.Tensor, lengths: list[int],
+                 cos: torch.Tensor, sin: torch.Tensor, num_full: int, past: ProxyPast | None
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], list[ProxyPast]]:
+    """The layers before the gradient layer, over the rows after `past` (all rows without it),
+    keeping each layer's keys, values and output over the whole sequence.
+
+    Returns the states entering the gradient layer (B, L, D), each full layer's output
+    (B, L, D), and each context's `ProxyPast`."""
+    start = 0 if past is None else past.length
+    if past is not None and not 0 < start < lengths[0]:
+        raise ValueError(f"a proxy past of {start} rows cannot continue a sequence of {lengths[0]}")
+    new = x[:, start:]
+    keys, values, outputs = [], [], []
+    for i in range(num_full):
+        layer_past = None if past is None else (past.keys[i][None], past.values[i][None])
+        new, k, v = decoder_layer_kv(new, weights.layers[i], weights.shape, cos[..., start:, :], sin[..., start:, :],
+                                     weights.tp_group, layer_past)
+        if past is None:
+            new = _add_deepstack(new, contexts, i)  # the rows after a past are text: no deepstack there
+        whole = new if past is None else torch.cat([past.states[i][None].to(new.dtype), new], dim=1)
+        keys.append(k)
+        values.append(v)
+        outputs.append(whole)
+    pasts = [ProxyPast(n, [k[b, :, :n] for k in keys], [v[b, :, :n] for v in values],
+                       [o[b, :n] for o in outputs]) for b, n in enumerate(lengths)]
+    return (outputs[-1] if outputs else x), outputs, pasts

@@ -31,7 +31,7 @@ from .families import FAMILIES, model_prunes, pruned_architecture
 from .handoff import HandoffBuffers
 from .kept_indices import KEPT_STORE
 from .positions_hook import PositionsHook
-from .served import ServedSets, VisionCache
+from .served import ProxyCache, ServedSets, VisionCache
 from .stats import SELECTION_STATS
 
 logger = init_logger("vllm.pio_fvlm")
@@ -94,6 +94,7 @@ class PioFvlmModel:
         self.pio_proxy: ProxyWeights | None = None
         self.pio_served = ServedSets(self.pio_settings.served_sets)
         self.pio_vision = VisionCache(self.pio_settings.vision_cache_mb << 20)
+        self.pio_proxy_cache = ProxyCache(self.pio_settings.proxy_cache_mb << 20)
         self.quant_method = ProxySnapshotHook()
         model_config = vllm_config.model_config
         if not FAMILIES[pruned_architecture(model_config.architectures, model_config.hf_config)].handoff:
@@ -163,7 +164,9 @@ class PioFvlmModel:
             tp_group = get_tp_group().device_group
         # Accelerator parameters stay in place: views are enough there.
         copy = next(self.language_model.parameters()).device.type == "cpu"
-        self.pio_vision.clear()  # outputs of the weights before, if these are reloaded ones
+        # Outputs of the weights before, if these are reloaded ones.
+        self.pio_vision.clear()
+        self.pio_proxy_cache.clear()
         self.pio_proxy = snapshot_proxy_weights(
             self.language_model, self.config.text_config, self.pio_proxy_layers, copy=copy,
             tp_group=tp_group,
@@ -232,8 +235,13 @@ class PioFvlmModel:
             if served is not None and served.numel() + ctx.num_keep > ctx.num_tokens:
                 served = None
             exclude.append(served)
+        pasts = [self._proxy_past(contexts[i], embeddings[i]) for i in todo]
         selection, failed = self._kept_indices([embeddings[i] for i in todo], [contexts[i] for i in todo],
-                                               [grids[i] for i in todo], exclude)
+                                               [grids[i] for i in todo], exclude, pasts)
+        for j, i in enumerate(todo):
+            past = selection.pasts[j] if selection.pasts is not None else None
+            if past is not None:
+                self.pio_proxy_cache.put(contexts[i].image_key, contexts[i].prefix_ids, contexts[i].suffix_ids, past)
         seen = [embeddings[i].shape[0] for i in todo]
         for j, i in enumerate(todo):
             ctx = contexts[i]
@@ -252,9 +260,17 @@ class PioFvlmModel:
             embeddings[i] = self.pio_positions.rows(embeds, kept, ctx, selection.handoff_states[j], grids[i])
         SELECTION_STATS.record(seen, [contexts[i].num_keep for i in todo], time.perf_counter() - start, failed)
 
+    def _proxy_past(self, ctx: PromptContext, image: torch.Tensor):
+        """The proxy past a delta's pass continues: the previous item of its image, whose
+        sequence is this one's first rows (same image, same text up to that item's turn)."""
+        if not (ctx.is_delta and self.pio_proxy_cache.enabled and self.pio_tp_size == 1):
+            return None
+        return self.pio_proxy_cache.continuable(ctx.served_before[-1], ctx.prefix_ids, ctx.suffix_ids,
+                                                image.shape[0], image.device)
+
     def _kept_indices(self, images: list[torch.Tensor], contexts: list[PromptContext],
                       grids: list[tuple[int, int, int] | None],
-                      exclude: list[torch.Tensor | None]) -> tuple[Selection, bool]:
+                      exclude: list[torch.Tensor | None], pasts: list | None = None) -> tuple[Selection, bool]:
         """Kept indices (and hand-off states) per image, and whether any image's selection failed.
 
         A failure must not cost the other requests of the batch: the batch is retried one
@@ -262,6 +278,7 @@ class PioFvlmModel:
         stride (it still gets exactly its budget, without hand-off states).
         """
         budgets = [c.num_keep for c in contexts]
+        pasts = pasts or [None] * len(contexts)
 
         def stride() -> Selection:
             return Selection([uniform_stride_among(img.shape[0], k, e, img.device)
@@ -291,16 +308,16 @@ class PioFvlmModel:
             return selection, failed
         image_contexts = [self._image_context(img, c, g) for img, c, g in zip(images, contexts, grids)]
         try:
-            return self._run_selection(image_contexts, budgets, contexts, exclude), False
+            return self._run_selection(image_contexts, budgets, contexts, exclude, pasts), False
         except Exception:
             if len(images) == 1:
                 logger.exception("PIO-FVLM selection failed; using uniform-stride selection")
                 return stride(), True
             logger.warning("PIO-FVLM batched selection failed; retrying image by image")
         kept, states, failed = [], [], False
-        for ctx, k, c, e in zip(image_contexts, budgets, contexts, exclude):
+        for ctx, k, c, e, past in zip(image_contexts, budgets, contexts, exclude, pasts):
             try:
-                one = self._run_selection([ctx], [k], [c], [e])
+                one = self._run_selection([ctx], [k], [c], [e], [past])
                 kept += one.kept
                 states += one.handoff_states
             except Exception:
@@ -324,10 +341,13 @@ class PioFvlmModel:
         return free[seeded_random(free.numel(), ctx.num_keep, seed)].to(device)
 
     def _run_selection(self, image_contexts: list[ImageContext], budgets: list[int],
-                       contexts: list[PromptContext], exclude: list[torch.Tensor | None]) -> Selection:
+                       contexts: list[PromptContext], exclude: list[torch.Tensor | None],
+                       pasts: list | None = None) -> Selection:
         _raise_if_injected(contexts)
+        keep_past = self.pio_proxy_cache.enabled and self.pio_settings.saliency == "grad_x_normed"
         return select(self.pio_proxy, image_contexts, budgets, self.pio_settings,
-                      handoff_layer=self._handoff_layer_for(contexts), exclude=exclude)
+                      handoff_layer=self._handoff_layer_for(contexts), exclude=exclude, pasts=pasts,
+                      keep_past=keep_past)
 
     def _handoff_layer_for(self, contexts: list[PromptContext]) -> int:
         return self.pio_handoff_layer if any(c.handoff for c in contexts) else 0

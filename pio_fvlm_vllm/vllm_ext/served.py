@@ -9,11 +9,15 @@ looked up here, by the item's key, before a selection is trusted. Bounded LRU, p
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
+
+from ..algorithm.saliency import ProxyPast
 
 
 class ServedSets:
@@ -97,6 +101,71 @@ class VisionCache:
             while self._bytes > self.max_bytes:
                 _, dropped = self._entries.popitem(last=False)
                 self._bytes -= dropped.numel() * dropped.element_size()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+
+@dataclass(frozen=True)
+class _PastEntry:
+    text: str  # digest of the token ids around the image the pass saw
+    suffix_len: int
+    past: ProxyPast
+
+
+def _text_digest(prefix_ids: list[int], suffix_ids: list[int]) -> str:
+    return hashlib.sha256(f"{prefix_ids}|{suffix_ids}".encode()).hexdigest()
+
+
+class ProxyCache:
+    """Each recent selection's proxy past (`algorithm.ProxyPast`), by item key, bounded in bytes.
+
+    A chat's next turn selects its delta over the same image and text plus the new turn's; the
+    proxy's full layers then run over the new rows only, continuing the past of the item served
+    just before (its first selection or the previous delta). Host memory, as the vision cache.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self._entries: OrderedDict[int, _PastEntry] = OrderedDict()
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self.max_bytes = max_bytes
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def put(self, key: int, prefix_ids: list[int], suffix_ids: list[int], past: ProxyPast) -> None:
+        size = past.nbytes
+        if not self.enabled or key <= 0 or size > self.max_bytes:
+            return
+        entry = _PastEntry(_text_digest(prefix_ids, suffix_ids), len(suffix_ids), past.to("cpu"))
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.past.nbytes
+            self._entries[key] = entry
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= dropped.past.nbytes
+
+    def continuable(self, key: int, prefix_ids: list[int], suffix_ids: list[int], num_image_tokens: int,
+                    device) -> ProxyPast | None:
+        """The past of item `key` when this context continues the sequence it covers."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+        if entry is None or entry.suffix_len >= len(suffix_ids):
+            return None
+        if entry.past.length != len(prefix_ids) + num_image_tokens + entry.suffix_len:
+            return None
+        if _text_digest(prefix_ids, suffix_ids[: entry.suffix_len]) != entry.text:
+            return None
+        return entry.past.to(device)
 
     def clear(self) -> None:
         with self._lock:

@@ -27,6 +27,7 @@ def token_in_context_problem(token_ids: list[int], features, image_token_id: int
     items = mm_kwargs_from_features(features).get("image", [])  # metadata overrides kwargs, as in vLLM
     placeholders = features.mm_placeholders.get("image", [])
     around = image_contexts(list(token_ids), image_token_id)
+    keys: list[int] = []
     for i, (item, placeholder) in enumerate(zip(items, placeholders)):
         if item is None or CONTEXT_FIELD not in item:
             continue
@@ -48,14 +49,49 @@ def token_in_context_problem(token_ids: list[int], features, image_token_id: int
         if not 0 < ctx.num_keep <= n or placeholder.length != ctx.num_keep + rows:
             return (f"{where} keeps {ctx.num_keep} tokens (+{rows} hand-off rows) of {n}; its placeholder "
                     f"has {placeholder.length} rows")
-        if ctx.handoff_rows < -1 or rows > min(len(ctx.suffix_ids), n - ctx.num_keep):
+        if ctx.handoff_rows < -1 or rows > min(len(ctx.suffix_ids) - ctx.handoff_text_start, n - ctx.num_keep):
             return f"{where} hands off {ctx.handoff_rows} rows"
-        if i >= len(around) or (ctx.prefix_ids, ctx.suffix_ids) != around[i]:
+        # An image's first selection, or a later turn's delta of it (items after the images):
+        # the text it saw is the prompt's around that image, up to the end of some turn.
+        image = i if i < len(around) else next((j for j, (p, _) in enumerate(around) if p == ctx.prefix_ids), None)
+        if (image is None or ctx.prefix_ids != around[image][0]
+                or ctx.suffix_ids != around[image][1][: len(ctx.suffix_ids)]):
             return f"{where} does not match the prompt's text around the image"
+        if i < len(around) and (ctx.served_before or ctx.handoff_text_start or ctx.text_position != -1):
+            return f"{where} is an image's first selection but carries a later turn's fields"
+        if i >= len(around) and not (ctx.served_before and set(ctx.served_before) <= set(keys)
+                                     and 0 <= ctx.handoff_text_start <= len(ctx.suffix_ids)):
+            return f"{where} is a later turn's delta of no earlier item of this request"
         hashes = (getattr(features, "mm_hashes", None) or {}).get("image", [])
         if i >= len(hashes) or ctx.image_key != image_key(hashes[i]):
             return f"{where} names another image than its multimodal hash"
+        keys.append(ctx.image_key)
     return None
+
+
+def without_vision_keys(features) -> None:
+    """Zeroes the vision-cache key of every packed context a token-in request carries, in place.
+
+    The key names the image's pixels, which cannot be checked against it here: a token-in item
+    neither reads nor fills the worker's vision cache, so no request can plant another image's
+    tower output under a key someone else's image has."""
+    from dataclasses import replace
+
+    from vllm.entrypoints.scale_out.token_in_token_out.mm_serde import decode_mm_kwargs_item, encode_mm_kwargs_item
+    from vllm.multimodal.inputs import MultiModalFieldElem
+
+    for part in (features.kwargs_data, features.mm_metadata):
+        for encoded_items in (part or {}).values():
+            for j, encoded in enumerate(encoded_items or []):
+                if encoded is None:
+                    continue
+                item = decode_mm_kwargs_item(encoded)
+                elem = item.get(CONTEXT_FIELD)
+                if elem is None or PromptContext.unpack(elem.data).vision_key == 0:
+                    continue
+                ctx = replace(PromptContext.unpack(elem.data), vision_key=0)
+                item[CONTEXT_FIELD] = MultiModalFieldElem(data=ctx.pack(), field=elem.field)
+                encoded_items[j] = encode_mm_kwargs_item(item)
 
 
 def check_token_in(serve_tokens):
@@ -71,6 +107,7 @@ def check_token_in(serve_tokens):
                                                    processor.image_token_id(), processor.item_num_tokens)
                 if problem is not None:
                     return self.create_error_response(VLLMValidationError(problem, parameter="features"))
+                without_vision_keys(features)
         return await serve_tokens(self, request, *args, **kwargs)
 
     wrapper.__pio_fvlm__ = True

@@ -109,9 +109,12 @@ def test_token_in_requests_carry_only_the_contexts_the_processor_makes(scaled_se
     rendered["sampling_params"] = {"max_tokens": 2, "temperature": 0.0}
     status, payload, _ = _post(scaled_server, "/inference/v1/generate", rendered)
     assert status == 200, payload
-    for index, value in ((0, 100000), (1, 7), (2, 0), (4, 99999), (5, 12345), (7, 10**6)):
+    for index, value in ((0, 100000), (1, 7), (2, 0), (4, 99999), (5, 12345), (6, 3), (7, 10**6), (8, 1),
+                         (11, 10**6)):
         # num_keep > N, N wrong, offset wrong, hand-off rows, another image's key (its kept
-        # indices would be recorded for that image), a prefix token id past the vocabulary
+        # indices would be recorded for that image), a first selection posing as a later turn's
+        # delta (hand-off text start, text position, served-before keys), a prefix token id past
+        # the vocabulary
         status, payload, _ = _post(scaled_server, "/inference/v1/generate", _edited(rendered, _with_value(index, value)))
         assert status == 400 and "features" in json.dumps(payload), (index, payload)
     status, payload, _ = _post(scaled_server, "/inference/v1/generate", rendered)
