@@ -166,7 +166,7 @@ class PioFvlmSettings(BaseSettings):
         "turns' tokens only) or reselect (a fresh selection over the whole prompt each turn).",
     )
     turn_delta_share: float = Field(
-        1.0,
+        0.25,
         ge=0.0,
         le=8.0,
         description="incremental: tokens a later turn adds to an earlier turn's image, as a share of "

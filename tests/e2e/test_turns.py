@@ -2,14 +2,16 @@
 
 import pytest
 
-from pio_fvlm_vllm.budget import budget
+from pio_fvlm_vllm.budget import budget, delta_budget
 from pio_fvlm_vllm.images import image_message, synthetic_image
 from pio_fvlm_vllm.serving import VllmServer
+from pio_fvlm_vllm.settings import PioFvlmSettings
 
 from .conftest import SERVER_ARGS
 from .helpers import HEADER, block_size, openai_client, post_chat, reset_caches, token_logprobs
 
 KEEP = 0.2
+SHARE = PioFvlmSettings().turn_delta_share  # the server's default
 QUESTIONS = ["What is shown in this image?", "Which square is red?", "How many shapes are there?"]
 
 
@@ -60,12 +62,13 @@ def test_later_turns_reuse_earlier_turns_and_add_a_delta(turns_client, turns_ser
     size = block_size(turns_server.base_url)
     (first, _, k, n), *later = turns
     assert k == budget(n, KEEP) and k < n
-    served_before = first.usage.prompt_tokens
+    served_before, served_tokens = first.usage.prompt_tokens, k
     for m, (reply, cached, kept, total) in enumerate(later, start=1):
         # Every full block of the turn before (its prompt and its answer) is a prefix-cache hit.
         assert cached >= (served_before // size) * size > 0, (m, cached, served_before)
-        # Each later turn adds min(k, what is left) of the image's tokens, counted once.
-        assert (kept, total) == (k + min(m * k, n - k), n)
+        # Each later turn adds its share of k (never more than is left), counted once.
+        served_tokens += delta_budget(n, k, SHARE, served_tokens)
+        assert (kept, total) == (served_tokens, n) and served_tokens > k
         served_before = reply.usage.prompt_tokens
 
 
@@ -100,8 +103,9 @@ def test_visual_turns_chooses_what_later_turns_see(turns_client, model_name):
     reselect = _ask(turns_client, model_name, conversation, "reselect")
     default = _ask(turns_client, model_name, conversation)
     assert frozen[2] == k and frozen[1] > 0  # the first turn's tokens, from the cache
-    assert incremental[2] == k + min(k, n - k)
-    assert incremental[0].usage.prompt_tokens == frozen[0].usage.prompt_tokens + min(k, n - k)
+    d = delta_budget(n, k, SHARE, k)
+    assert d > 0 and incremental[2] == k + d
+    assert incremental[0].usage.prompt_tokens == frozen[0].usage.prompt_tokens + d
     assert default[0].usage.prompt_tokens == incremental[0].usage.prompt_tokens
     # A fresh selection over the whole prompt: nothing after the image's first block is reused.
     assert reselect[2] == k and reselect[1] < incremental[1]
