@@ -74,3 +74,13 @@ def write_result(name: str, title: str, body: str) -> Path:
 
 def progress(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def write_rows(name: str, rows: list) -> Path:
+    """A run's rows (dataclasses) as JSON beside its markdown, for plots and later comparison."""
+    import dataclasses
+    import json
+
+    path = results_dir() / name
+    path.write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+    return path

@@ -20,19 +20,18 @@ Results go to benchmarks/results/serving_<name>.md (+ .json, and PNG plots).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pio_fvlm_vllm.images import image_message, synthetic_image
 from pio_fvlm_vllm.serving import VllmServer, fetch_metrics, metric_value
 
-from .common import BenchmarkParser, progress, results_dir, write_result
+from .common import BenchmarkParser, progress, results_dir, write_result, write_rows
 
 SIZES = [(640, 480), (1008, 336), (672, 672), (336, 1008), (800, 600)]
 QUESTIONS = ["What is shown in this image?", "Describe the objects and their colours.",
@@ -319,7 +318,7 @@ def main(argv=None):
              f"{'; every server with ' + ', '.join(args.server_env) if args.server_env else ''}"
              f".\n\n![serving](serving_{args.name}.png)\n\n")
     write_result(f"serving_{args.name}.md", "Serving benchmark", intro + body)
-    (results_dir() / f"serving_{args.name}.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    write_rows(f"serving_{args.name}.json", results)
     plot(results, results_dir() / f"serving_{args.name}.png")
 
 

@@ -15,17 +15,16 @@ Results go to benchmarks/results/turns_<name>.md (+ .json).
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from pio_fvlm_vllm.images import image_message, synthetic_image
 from pio_fvlm_vllm.serving import VllmServer
 
-from .common import BenchmarkParser, progress, results_dir, write_result
+from .common import BenchmarkParser, progress, write_result, write_rows
 
 QUESTIONS = ["What is shown in this image?", "Which square is red?", "How many shapes are there?",
              "Where is the largest shape?", "What colour is the circle?"]
@@ -163,7 +162,7 @@ def main(argv=None):
              f"loaded, same arguments; {FREE} = the plugin's server picking the same k by uniform stride with no "
              f"proxy pass (PIO_FVLM_SELECTOR=uniform), the ceiling of what pruning can give.\n\n")
     write_result(f"turns_{args.name}.md", "Multi-turn chats with prefix caching", intro + body)
-    (results_dir() / f"turns_{args.name}.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    write_rows(f"turns_{args.name}.json", results)
 
 
 if __name__ == "__main__":

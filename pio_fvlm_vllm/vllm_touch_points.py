@@ -53,6 +53,14 @@ TOUCH_POINTS: dict[tuple[str, str], str] = {
     ("multimodal/processing/processor.py", "BaseMultiModalProcessor.apply"): "overridden",
     ("multimodal/processing/processor.py", "BaseMultiModalProcessor._get_mm_hashes"): "overridden",
     ("multimodal/processing/processor.py", "BaseMultiModalProcessor._apply_hf_processor_main"): "overridden",
+    ("multimodal/processing/processor.py", "BaseMultiModalProcessor._get_mm_fields_config"): "a delta's kwargs",
+    ("multimodal/inputs.py", "MultiModalKwargsItems.from_hf_inputs"): "a delta's kwargs",
+    ("multimodal/cache/base.py", "BaseMultiModalProcessorCache"): "a delta's kwargs sent once, as items are",
+    # Chat turns: boundaries from the renderer, reuse through prefix-cache block keys.
+    ("renderers/hf.py", "HfRenderer.render_messages"): "wrapped: turn boundaries recorded",
+    ("renderers/hf.py", "HfRenderer.render_messages_async"): "wrapped: turn boundaries recorded",
+    ("renderers/hf.py", "safe_apply_chat_template"): "renders each turn's prefix",
+    ("v1/core/kv_cache_utils.py", "_gen_mm_extra_hash_keys"): "block keys: a turn's items keep their hash",
     # Request routing and the HTTP surface.
     ("entrypoints/generate/base/protocol.py", "validate_request_mm_kwargs"): "wrapped: visual_keep exempted",
     ("renderers/online_renderer.py", "OnlineRenderer.preprocess_chat"): "wrapped: visual_keep routed",

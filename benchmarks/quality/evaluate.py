@@ -257,7 +257,7 @@ def report(hf: dict, server: dict | None, keeps: list[float], scenes: int, check
     for label, runs in (server or {}).items():
         cells = [f"{runs[k]['correct'] / runs[k]['n']:.1%} / {runs[k]['agree'] / runs[k]['n']:.0%} / -" for k in keeps]
         lines.append(f"| {label} via `vllm serve` | " + " | ".join(cells) + " |")
-    if server and PLUGIN in server:
+    if server and PLUGIN in server and hf["methods"]:
         runs = server[PLUGIN]
         cells = [f"{runs[k]['same_as_reference'] / runs[k]['n']:.1%}" for k in keeps]
         lines.append("| `vllm serve` answer == HF reference answer, plugin placement | " + " | ".join(cells) + " |")
@@ -295,6 +295,8 @@ def main(argv=None):
     p.add_argument("--keeps", type=float, nargs="+", default=KEEPS)
     p.add_argument("--server", action="store_true",
                    help="also serve PIO-FVLM, and random and uniform selection, through vllm serve")
+    p.add_argument("--server-only", action="store_true",
+                   help="serve PIO-FVLM through vllm serve only (no Hugging Face methods, no baselines)")
     p.add_argument("--scoring", choices=["project", "official"], default="project",
                    help="PIO-FVLM's scoring (see PIO_FVLM_SCORING)")
     p.add_argument("--name", default="quality")
@@ -318,6 +320,15 @@ def main(argv=None):
     scenes = list(TEST_SEEDS)[: args.scenes]
     torch.manual_seed(0)
     settings = PioFvlmSettings(proxy_layer=args.proxy_layer, scoring=args.scoring)
+    if args.server_only:
+        served = evaluate_server(args.checkpoint, scenes, args.keeps, settings, None)
+        hf = {"full_accuracy": served[1.0]["correct"] / served[1.0]["n"], "methods": {}}
+        body = report(hf, {PLUGIN: served}, args.keeps, len(scenes), args.checkpoint).replace(
+            "full-token accuracy", "full-token accuracy through `vllm serve`")
+        print(body)
+        write_result(f"{args.name}.md", "Quality: accuracy vs keep ratio, served", body)
+        (results_dir() / f"{args.name}.json").write_text(json.dumps({"server": {PLUGIN: served}}, indent=1))
+        return
     hf = evaluate_hf(args.checkpoint, scenes, args.keeps, settings)
     server = None
     if args.server:

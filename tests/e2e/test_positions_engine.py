@@ -135,3 +135,36 @@ def test_keep_one_positions_are_plain(engine):
         rec.close()
     assert torch.cat(rec.positions).tolist() == list(range(len(out.prompt_token_ids)))
     assert not torch.cat(rec.marked).any()
+
+
+def test_later_turns_and_new_questions_about_a_seen_image_run_no_vision_tower(engine):
+    """The tower's output depends on the pixels alone: a chat's next turn (its delta) and a
+    new chat's question about the same image take it from the worker's vision cache."""
+    from vllm import SamplingParams
+
+    from pio_fvlm_vllm.images import image_message
+
+    model = _model(engine)
+    calls = []
+    handle = model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    image = synthetic_image(640, 480, seed=75)
+    params = SamplingParams(max_tokens=2, temperature=0.0, extra_args={"visual_keep": 0.25})
+    try:
+        chat = image_message(QUESTION_B, image)
+        first = engine.chat(chat, params, use_tqdm=False)[0]
+        assert calls, "the first sight of an image runs the tower"
+        calls.clear()
+        chat = chat + [{"role": "assistant", "content": first.outputs[0].text},
+                       {"role": "user", "content": "Which square is red?"}]
+        second = engine.chat(chat, params, use_tqdm=False)[0]
+        assert second.num_cached_tokens > 0
+        image_id = model.config.image_token_index
+        assert second.prompt_token_ids.count(image_id) > first.prompt_token_ids.count(image_id)  # a delta
+        other = engine.chat(image_message("What is shown in this image?", image), params, use_tqdm=False)[0]
+        assert other.outputs[0].token_ids
+        assert not calls, "a later turn or a new question about a seen image ran the vision tower"
+        calls.clear()
+        engine.chat(image_message(QUESTION_B, synthetic_image(640, 480, seed=76)), params, use_tqdm=False)
+        assert calls  # another image: the tower runs
+    finally:
+        handle.remove()
