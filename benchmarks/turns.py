@@ -120,6 +120,8 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=int, default=1)
     p.add_argument("--no-stock", action="store_true")
     p.add_argument("--no-free-selection", action="store_true")
+    p.add_argument("--delta-share", type=float, default=None,
+                   help="PIO_FVLM_TURN_DELTA_SHARE for the plugin's servers (default: the plugin's default)")
     p.add_argument("--name", default="cpu_small")
     args = p.parse_args(argv)
 
@@ -128,6 +130,7 @@ def main(argv=None):
     if args.load_format:
         serve_args += ["--load-format", args.load_format]
     model = str(Path(args.checkpoint))
+    env = {} if args.delta_share is None else {"PIO_FVLM_TURN_DELTA_SHARE": str(args.delta_share)}
     size = tuple(args.size)
     results: list[TurnResult] = []
     rounds = [0]
@@ -144,11 +147,11 @@ def main(argv=None):
     if not args.no_stock:
         with VllmServer(model, plugin=False, args=serve_args) as stock:
             sweep(stock.base_url, [("stock", {})])
-    with VllmServer(model, args=serve_args) as server:
+    with VllmServer(model, args=serve_args, env=env) as server:
         sweep(server.base_url, [(f"plugin keep={args.keep} {mode}", {"visual_keep": args.keep, "visual_turns": mode})
                                 for mode in args.modes])
     if not args.no_free_selection:
-        with VllmServer(model, args=serve_args, env={"PIO_FVLM_SELECTOR": "uniform"}) as free:
+        with VllmServer(model, args=serve_args, env={**env, "PIO_FVLM_SELECTOR": "uniform"}) as free:
             sweep(free.base_url, [(f"{FREE} keep={args.keep} incremental",
                                    {"visual_keep": args.keep, "visual_turns": "incremental"})])
 
@@ -160,7 +163,8 @@ def main(argv=None):
              f"and chunked prefill on (vLLM's defaults), --enable-prompt-tokens-details"
              f"{', --load-format ' + args.load_format if args.load_format else ''}; stock = vLLM with no plugin "
              f"loaded, same arguments; {FREE} = the plugin's server picking the same k by uniform stride with no "
-             f"proxy pass (PIO_FVLM_SELECTOR=uniform), the ceiling of what pruning can give.\n\n")
+             f"proxy pass (PIO_FVLM_SELECTOR=uniform), the ceiling of what pruning can give; delta share "
+             f"{args.delta_share if args.delta_share is not None else 'the default'}.\n\n")
     write_result(f"turns_{args.name}.md", "Multi-turn chats with prefix caching", intro + body)
     write_rows(f"turns_{args.name}.json", results)
 

@@ -209,3 +209,14 @@ def test_token_in_contexts_lose_their_vision_cache_key():
     without_vision_keys(features)
     back = PromptContext.unpack(decode_mm_kwargs_item(features.kwargs_data["image"][0])[CONTEXT_FIELD].data)
     assert back.vision_key == 0 and back == PromptContext(4, 40, 3, 3, -1, [1, 2], [3], image_key=5)
+
+
+def test_the_turns_benchmark_compares_each_turn_with_stocks_same_turn():
+    from benchmarks.turns import TurnResult, table
+
+    rows = [TurnResult("stock", 1, 3, 0, 2.0, 2.5, 3000, 0), TurnResult("stock", 2, 3, 0, 0.2, 0.3, 3020, 2944),
+            TurnResult("plugin", 1, 3, 0, 0.5, 0.6, 340, 0), TurnResult("plugin", 2, 3, 1, 0.3, 0.4, 440, 256)]
+    text = table(rows)
+    assert "| plugin | 1 | 0.500 | 0.600 | 0.25x | 340 | 0 | 0 |" in text
+    assert "| plugin | 2 | 0.300 | 0.400 | 1.50x | 440 | 256 | 1 |" in text
+    assert "| stock | 2 | 0.200 | 0.300 | - | 3020 | 2944 | 0 |" in text

@@ -28,7 +28,8 @@ class _TotalsByHash:
     """Bounded map from multimodal hash to the image's (kept, unpruned) token counts.
 
     Kept is not the placeholder's length: a pruned image's placeholder also covers the text
-    rows that take over the proxy's states.
+    rows that take over the proxy's states. A later turn's delta is (its tokens, 0): its
+    image's N is counted with the image's first selection.
     """
 
     def __init__(self, capacity: int = 65536) -> None:
@@ -104,6 +105,9 @@ class ServedImageMetrics:
 
     def record(self, model_name: str, counts: list[tuple[int, int]]) -> None:
         for kept, total in counts:
+            if total == 0:  # a later turn's delta: more tokens of an image counted already
+                self.kept.labels(model_name).inc(kept)
+                continue
             self.images.labels(model_name).inc()
             self.tokens.labels(model_name).inc(total)
             self.kept.labels(model_name).inc(kept)

@@ -8,7 +8,7 @@ from pio_fvlm_vllm.serving import VllmServer
 from pio_fvlm_vllm.settings import PioFvlmSettings
 
 from .conftest import SERVER_ARGS
-from .helpers import HEADER, block_size, openai_client, post_chat, reset_caches, token_logprobs
+from .helpers import HEADER, block_size, metric, openai_client, post_chat, reset_caches, token_logprobs
 
 KEEP = 0.2
 SHARE = PioFvlmSettings().turn_delta_share  # the server's default
@@ -58,7 +58,10 @@ def _chat(client, model, seed, questions, mode=None, salt=None):
 
 
 def test_later_turns_reuse_earlier_turns_and_add_a_delta(turns_client, turns_server, model_name):
+    images = metric(turns_server.base_url, "pio_fvlm_served_images_total") or 0.0
     turns, _ = _chat(turns_client, model_name, 90, QUESTIONS)
+    # One image per request: a delta adds tokens to its image, not an image.
+    assert metric(turns_server.base_url, "pio_fvlm_served_images_total") - images == len(QUESTIONS)
     size = block_size(turns_server.base_url)
     (first, _, k, n), *later = turns
     assert k == budget(n, KEEP) and k < n
