@@ -122,11 +122,13 @@ def main(argv=None):
     p.add_argument("--no-free-selection", action="store_true")
     p.add_argument("--delta-share", type=float, default=None,
                    help="PIO_FVLM_TURN_DELTA_SHARE for the plugin's servers (default: the plugin's default)")
+    p.add_argument("--server-arg", action="append", default=[], help="extra vllm serve argument (repeatable)")
     p.add_argument("--name", default="cpu_small")
     args = p.parse_args(argv)
 
     # vLLM's defaults: prefix caching and chunked prefill on.
-    serve_args = ["--dtype", args.dtype, "--max-model-len", "4096", "--enable-prompt-tokens-details"]
+    serve_args = ["--dtype", args.dtype, "--max-model-len", "4096", "--enable-prompt-tokens-details",
+                  *args.server_arg]
     if args.load_format:
         serve_args += ["--load-format", args.load_format]
     model = str(Path(args.checkpoint))
@@ -161,7 +163,8 @@ def main(argv=None):
              f"(a new image per chat and configuration), {args.concurrency} chat(s) at a time, each turn sent "
              f"when the previous answer is back, max_tokens={args.max_tokens}, dtype {args.dtype}, prefix caching "
              f"and chunked prefill on (vLLM's defaults), --enable-prompt-tokens-details"
-             f"{', --load-format ' + args.load_format if args.load_format else ''}; stock = vLLM with no plugin "
+             f"{', --load-format ' + args.load_format if args.load_format else ''}"
+             f"{', ' + ' '.join(args.server_arg) if args.server_arg else ''}; stock = vLLM with no plugin "
              f"loaded, same arguments; {FREE} = the plugin's server picking the same k by uniform stride with no "
              f"proxy pass (PIO_FVLM_SELECTOR=uniform), the ceiling of what pruning can give; delta share "
              f"{args.delta_share if args.delta_share is not None else 'the default'}.\n\n")
