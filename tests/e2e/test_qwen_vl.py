@@ -241,19 +241,22 @@ def test_videos_are_served_whole_and_a_keep_below_one_with_them_is_refused(serve
 def test_a_later_turn_reuses_the_first_and_equals_its_cold_recompute(client, server, model):
     """Multimodal rotary: a delta's cells are its image's own, and the text after it continues
     unshifted, so the cached turn and the same turn recomputed from nothing agree."""
-    from .helpers import HEADER, metric, reset_caches, token_logprobs
+    from .helpers import HEADER, block_size, metric, reset_caches, token_logprobs
 
+    keep = 0.5  # the first turn fills at least one whole KV block on either family
     conversation = messages(QUESTION_A, seed=96)
-    first = chat(client, model, conversation, 0.25, raw=True)
+    first = chat(client, model, conversation, keep, raw=True)
     kept_first = int(first.headers[HEADER].split("/")[0])
+    full_blocks = first.parse().usage.prompt_tokens // block_size(server.base_url)
+    assert full_blocks >= 1
     conversation = conversation + [{"role": "assistant", "content": first.parse().choices[0].message.content},
                                    {"role": "user", "content": "Which square is red?"}]
     hits = metric(server.base_url, "vllm:prefix_cache_hits_total")
-    warm = chat(client, model, conversation, 0.25, logprobs=True, raw=True)
-    assert metric(server.base_url, "vllm:prefix_cache_hits_total") - hits > 0
+    warm = chat(client, model, conversation, keep, logprobs=True, raw=True)
+    assert metric(server.base_url, "vllm:prefix_cache_hits_total") - hits >= full_blocks * block_size(server.base_url)
     assert int(warm.headers[HEADER].split("/")[0]) > kept_first  # the turn added a delta
     reset_caches(server)
-    cold = token_logprobs(chat(client, model, conversation, 0.25, logprobs=True))
+    cold = token_logprobs(chat(client, model, conversation, keep, logprobs=True))
     warm = token_logprobs(warm.parse())
     assert [t for t, _ in cold] == [t for t, _ in warm]
     assert max(abs(a - b) for (_, a), (_, b) in zip(cold, warm)) <= 1e-3
