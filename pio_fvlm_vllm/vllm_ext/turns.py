@@ -128,14 +128,15 @@ def _template_kwargs(params) -> dict:
 def _note_turns(renderer, conversation, prompt, params) -> None:
     if not isinstance(prompt, dict) or "image" not in (prompt.get("multi_modal_data") or {}):
         return
-    if sum(1 for m in conversation if m.get("role") == "user") < 2:
+    if sum(1 for m in conversation if m.get("role") == "user") < 2 or conversation[-1].get("role") != "user":
         return
+    requested = params.get_apply_chat_template_kwargs()
+    if requested.get("continue_final_message") or not requested.get("add_generation_prompt", True):
+        return  # the prompt does not end where a turn's served prompt ends
     from vllm.renderers.hf import safe_apply_chat_template
 
     tokenizer = renderer.get_tokenizer()
     kwargs = _template_kwargs(params)
-    if params.get_apply_chat_template_kwargs().get("continue_final_message"):
-        return
 
     def render(messages, add_generation_prompt):
         return safe_apply_chat_template(renderer.model_config, tokenizer, messages,
@@ -148,10 +149,14 @@ def _note_turns(renderer, conversation, prompt, params) -> None:
         ids = prompt["prompt_token_ids"] if "prompt_token_ids" in prompt else tokenize(prompt["prompt"])
         turns = chat_turns(render, tokenize, conversation, list(ids))
     except Exception:  # a template that cannot render a prefix: whole-prompt selection
-        logger.warning("PIO-FVLM: no turn boundaries for this chat", exc_info=True)
+        logger.debug("PIO-FVLM: no turn boundaries for this chat", exc_info=True)
+        turns = None
+    if turns is None:
+        logger.warning_once("PIO-FVLM: this chat's earlier turns do not render as a prefix of the whole prompt "
+                            "with this chat template; such chats select over the whole prompt every turn (no "
+                            "prefix-cache reuse of their images)")
         return
-    if turns is not None:
-        CHAT_TURNS.put(ids, turns)
+    CHAT_TURNS.put(ids, turns)
 
 
 def _record_turns(render_messages):
@@ -168,8 +173,11 @@ def _record_turns(render_messages):
 def _record_turns_async(render_messages_async):
     @functools.wraps(render_messages_async)
     async def wrapper(self, messages, params, *args, **kwargs):
+        from vllm.utils.async_utils import make_async
+
         conversation, prompt = await render_messages_async(self, messages, params, *args, **kwargs)
-        _note_turns(self, conversation, prompt, params)
+        # A render and a tokenization per user turn: on the renderer's pool, off the event loop.
+        await make_async(_note_turns, executor=getattr(self, "_executor", None))(self, conversation, prompt, params)
         return conversation, prompt
 
     wrapper.__pio_fvlm__ = True
