@@ -19,6 +19,8 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from vllm.multimodal.inputs import (MultiModalBatchedField, MultiModalFieldElem, MultiModalKwargsItem,
                                     MultiModalKwargsItems, PlaceholderRange)
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
@@ -31,8 +33,7 @@ from ..settings import PioFvlmSettings
 from .context import CONTEXT_FIELD, KEEP_ALL, NO_HANDOFF, PromptContext, image_contexts
 from .kept_indices import image_key
 from .observability import IMAGE_TOTALS
-from .turns import (CHAT_TURNS, Delta, TurnPlan, image_starts, index_after_text, plan_turns, text_count,
-                    token_digest)
+from .turns import CHAT_TURNS, Delta, TextIndex, TurnPlan, image_starts, plan_turns, token_digest
 
 # Processor kwargs private to the plugin. They are removed before the Hugging Face processor
 # is called; the keep ratio takes part in the stock multimodal hash, and each image's hash then
@@ -41,7 +42,8 @@ from .turns import (CHAT_TURNS, Delta, TurnPlan, image_starts, index_after_text,
 _PRIVATE_PREFIX = "_pio_fvlm"
 _KEEP_KWARG = "_pio_fvlm_keep"
 _CUTS_KWARG = "_pio_fvlm_cuts"
-_PRIVATE_KWARGS = (_KEEP_KWARG, _CUTS_KWARG)
+_VISION_KWARG = "_pio_fvlm_vision"  # the stock hashes, computed once per request
+_PRIVATE_KWARGS = (_KEEP_KWARG, _CUTS_KWARG, _VISION_KWARG)
 
 _CONTEXT_FIELD_TYPE = MultiModalBatchedField(keep_on_cpu=True)
 
@@ -120,12 +122,13 @@ class PioFvlmProcessor:
             plan = plan_turns(len(prompt), starts, CHAT_TURNS.get(prompt), mode)
             if len(starts) != len(inputs.mm_data_items["image"]):
                 plan = plan_turns(len(prompt), [len(prompt)] * len(inputs.mm_data_items["image"]), None, mode)
+            kwargs[_VISION_KWARG] = self._vision_hashes(replace(inputs, hf_processor_mm_kwargs=kwargs))
             kwargs[_KEEP_KWARG] = keep
             kwargs[_CUTS_KWARG] = plan.cuts
         inputs = replace(inputs, hf_processor_mm_kwargs=kwargs)
         result = super().apply(inputs, timing_ctx)
         if prune:
-            self._attach_pruned(result, inputs, plan, keep)
+            self._attach_pruned(result, inputs, plan)
         else:
             self._attach_whole(result, inputs)
         return result
@@ -185,7 +188,7 @@ class PioFvlmProcessor:
             if item is not None:  # None: the engine already holds this item, context included
                 item[CONTEXT_FIELD] = MultiModalFieldElem(data=ctx.pack(), field=_CONTEXT_FIELD_TYPE)
 
-    def _attach_pruned(self, result, inputs, plan: TurnPlan, keep: float) -> None:
+    def _attach_pruned(self, result, inputs, plan: TurnPlan) -> None:
         """Adds the plan's deltas to the served prompt, then packs every item's context."""
         prompt = list(inputs.prompt)
         image_id = self.image_token_id()
@@ -195,9 +198,11 @@ class PioFvlmProcessor:
         counts = [self._stock_num_tokens(inputs.mm_data_items, i) for i in range(len(placeholders))]
         items = [_Item(i, p.offset, p.length, counts[i], plan.cuts[i], hashes[i], index=i)
                  for i, p in enumerate(placeholders)]
-        served = self._add_deltas(result, inputs, plan, items, keep)
+        text = TextIndex(prompt, image_id)
+        served = self._add_deltas(result, inputs, plan, items, text)
         items.sort(key=lambda it: it.offset)
         served_len = len(served)
+        served_text = TextIndex(served, image_id)
         # Only the first image hands off: its proxy context is exactly the unpruned prompt up to
         # the next image, so its states there are the full-sequence ones. A delta's context runs
         # to its own turn, past any later image: it hands off only in a one-image prompt.
@@ -207,23 +212,23 @@ class PioFvlmProcessor:
                 continue
             if item.delta is not None and len(placeholders) > 1:
                 continue
-            text_end = min(index_after_text(served, image_id, text_count(prompt, image_id, item.cut)),
+            text_end = min(served_text.index_after(text.count(item.cut)),
                            items[n + 1].offset if n + 1 < len(items) else served_len)
             item.rows = handoff_rows(text_end - (item.offset + item.num_keep), item.num_tokens, item.num_keep)
         bases = self._image_bases(inputs.mm_data_items, items)
         text_positions = self._text_positions(items)
         around = image_contexts(prompt, image_id)
-        vision = [image_key(h) for h in self._vision_hashes(inputs).get("image", [])]
+        vision = [image_key(h) for h in inputs.hf_processor_mm_kwargs[_VISION_KWARG].get("image", [])]
         keys: dict[int, list[int]] = {}
         for item, base, text_position in zip(items, bases, text_positions):
             prefix, suffix = around[item.image]
-            suffix = suffix[: text_count(prompt, image_id, item.cut) - len(prefix)]
+            suffix = suffix[: text.count(item.cut) - len(prefix)]
             key = image_key(item.mm_hash)
             before = tuple(keys.get(item.image, ())) if item.delta is not None else ()
             keys.setdefault(item.image, []).append(key)
             ctx = PromptContext(
                 item.num_keep, item.num_tokens, item.offset, base, item.rows, prefix, suffix, image_key=key,
-                handoff_text_start=(text_count(prompt, image_id, item.delta.insert) - len(prefix)
+                handoff_text_start=(text.count(item.delta.insert) - len(prefix)
                                     if item.delta is not None else 0),
                 text_position=text_position if item.delta is not None else -1,
                 served_before=before, vision_key=vision[item.image],
@@ -238,14 +243,16 @@ class PioFvlmProcessor:
                                     for it in items)
         self._check_unpruned_length(unpruned)
 
-    def _add_deltas(self, result, inputs, plan: TurnPlan, items: list[_Item], keep: float) -> list[int]:
+    def _add_deltas(self, result, inputs, plan: TurnPlan, items: list[_Item], text: TextIndex) -> list[int]:
         """Splices each later turn's delta into the served prompt (image tokens just before that
-        turn's user message) as an item of its own; returns the served prompt."""
+        turn's user message) as an item of its own; returns the served prompt. `text` indexes
+        the prompt before expansion."""
         served = list(result["prompt_token_ids"])
         if not plan.deltas:
             return served
-        prompt = list(inputs.prompt)
+        prompt = np.asarray(inputs.prompt, dtype=np.int64)
         image_id = self.image_token_id()
+        served_text = TextIndex(served, image_id)
         share = self.server_settings().turn_delta_share
         given = [it.num_keep for it in items]
         inserts = []
@@ -257,7 +264,7 @@ class PioFvlmProcessor:
             given[delta.image] += d
             digest = token_digest(prompt[: delta.cut])
             mm_hash = hashlib.sha256(f"{base.mm_hash}#turn{delta.turn}#{d}#{digest}".encode()).hexdigest()
-            at = index_after_text(served, image_id, text_count(prompt, image_id, delta.insert))
+            at = served_text.index_after(text.count(delta.insert))
             inserts.append((at, _Item(delta.image, at, d, base.num_tokens, delta.cut, mm_hash, delta)))
         inserts.sort(key=lambda x: x[0])  # stable: deltas at one place keep the plan's order
         for at, item in reversed(inserts):
@@ -312,11 +319,11 @@ class PioFvlmProcessor:
         cuts = kwargs.get(_CUTS_KWARG)
         if cuts is None:
             return super()._get_mm_hashes(inputs)
-        hashes = self._vision_hashes(inputs)
+        hashes = kwargs[_VISION_KWARG]
         # An image's selection depends on the keep and on the prompt up to its cut; the same
         # image twice in one prompt is two selections. Every later turn of a chat rebuilds it.
         keep = kwargs[_KEEP_KWARG]
-        prompt = list(inputs.prompt)
+        prompt = np.asarray(inputs.prompt, dtype=np.int64)
         images = [hashlib.sha256(f"{h}#keep={keep}#{i}#{token_digest(prompt[:cut])}".encode()).hexdigest()
                   for i, (h, cut) in enumerate(zip(hashes.get("image", []), cuts))]
         return {**hashes, "image": images} if "image" in hashes else hashes

@@ -27,13 +27,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from vllm.logger import init_logger
 
 logger = init_logger("vllm.pio_fvlm")
 
 
 def token_digest(ids: Sequence[int]) -> str:
-    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()
+    return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,8 @@ class TurnPlan:
 
 def image_starts(prompt_ids: Sequence[int], image_token_id: int) -> list[int]:
     """Index of the first token of each run of image tokens (one run per image)."""
-    return [i for i, t in enumerate(prompt_ids) if t == image_token_id and (i == 0 or prompt_ids[i - 1] != t)]
+    is_image = np.asarray(prompt_ids, dtype=np.int64) == image_token_id
+    return np.flatnonzero(is_image & ~np.concatenate([[False], is_image[:-1]])).tolist()
 
 
 def plan_turns(prompt_len: int, starts: Sequence[int], turns: ChatTurns | None, mode: str) -> TurnPlan:
@@ -236,19 +238,32 @@ def plan_turns(prompt_len: int, starts: Sequence[int], turns: ChatTurns | None, 
     return TurnPlan(cuts, tuple(deltas))
 
 
+class TextIndex:
+    """Counts of a prompt's non-image tokens, for mapping indices between the prompt before
+    and after its image placeholders expand (text tokens are the same in both)."""
+
+    def __init__(self, ids: Sequence[int], image_token_id: int) -> None:
+        # before[i]: text tokens in ids[:i]
+        self.before = np.concatenate([[0], np.cumsum(np.asarray(ids, dtype=np.int64) != image_token_id)])
+
+    def count(self, end: int) -> int:
+        """Tokens of ids[:end] that are not image tokens."""
+        return int(self.before[end])
+
+    def index_after(self, num_text: int) -> int:
+        """The index right after the first `num_text` non-image tokens."""
+        if num_text == 0:
+            return 0
+        if num_text > self.before[-1]:
+            raise ValueError(f"a prompt of {int(self.before[-1])} text tokens has no index after {num_text}")
+        return int(np.searchsorted(self.before, num_text))
+
+
 def text_count(ids: Sequence[int], image_token_id: int, end: int) -> int:
     """Tokens of ids[:end] that are not image tokens."""
-    return sum(1 for t in ids[:end] if t != image_token_id)
+    return TextIndex(ids, image_token_id).count(end)
 
 
 def index_after_text(ids: Sequence[int], image_token_id: int, num_text: int) -> int:
     """The index in `ids` right after its first `num_text` non-image tokens."""
-    if num_text == 0:
-        return 0
-    seen = 0
-    for i, t in enumerate(ids):
-        if t != image_token_id:
-            seen += 1
-            if seen == num_text:
-                return i + 1
-    raise ValueError(f"a prompt of {seen} text tokens has no index after {num_text}")
+    return TextIndex(ids, image_token_id).index_after(num_text)
