@@ -122,7 +122,9 @@ class PioFvlmProcessor:
             plan = plan_turns(len(prompt), starts, CHAT_TURNS.get(prompt), mode)
             if len(starts) != len(inputs.mm_data_items["image"]):
                 plan = plan_turns(len(prompt), [len(prompt)] * len(inputs.mm_data_items["image"]), None, mode)
-            kwargs[_VISION_KWARG] = self._vision_hashes(replace(inputs, hf_processor_mm_kwargs=kwargs))
+            # Hashable, as every processor kwarg must be (some families cache on them).
+            kwargs[_VISION_KWARG] = tuple((m, tuple(hs)) for m, hs in
+                                          self._vision_hashes(replace(inputs, hf_processor_mm_kwargs=kwargs)).items())
             kwargs[_KEEP_KWARG] = keep
             kwargs[_CUTS_KWARG] = plan.cuts
         inputs = replace(inputs, hf_processor_mm_kwargs=kwargs)
@@ -218,7 +220,7 @@ class PioFvlmProcessor:
         bases = self._image_bases(inputs.mm_data_items, items)
         text_positions = self._text_positions(items)
         around = image_contexts(prompt, image_id)
-        vision = [image_key(h) for h in inputs.hf_processor_mm_kwargs[_VISION_KWARG].get("image", [])]
+        vision = [image_key(h) for h in dict(inputs.hf_processor_mm_kwargs[_VISION_KWARG]).get("image", ())]
         keys: dict[int, list[int]] = {}
         for item, base, text_position in zip(items, bases, text_positions):
             prefix, suffix = around[item.image]
@@ -319,7 +321,7 @@ class PioFvlmProcessor:
         cuts = kwargs.get(_CUTS_KWARG)
         if cuts is None:
             return super()._get_mm_hashes(inputs)
-        hashes = kwargs[_VISION_KWARG]
+        hashes = {m: list(hs) for m, hs in kwargs[_VISION_KWARG]}
         # An image's selection depends on the keep and on the prompt up to its cut; the same
         # image twice in one prompt is two selections. Every later turn of a chat rebuilds it.
         keep = kwargs[_KEEP_KWARG]
