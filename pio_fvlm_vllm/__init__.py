@@ -9,9 +9,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 PLUGIN_NAME = "pio_fvlm"
 
-# The vLLM releases whose internals the plugin hooks into were checked (the M-RoPE pruning
-# hook, the processor and renderer seams): 0.32.x only.
-SUPPORTED_VLLM = ">=0.32,<0.33"
+# The vLLM releases whose internals the plugin hooks into were reviewed, touch point by touch
+# point (`vllm_touch_points.py`, docs/vllm-releases.md): 0.32, 0.33 and 0.34.
+SUPPORTED_VLLM = ">=0.32,<0.35"
 ALLOW_UNSUPPORTED_VLLM_ENV = "PIO_FVLM_ALLOW_UNSUPPORTED_VLLM"
 
 _registered = False

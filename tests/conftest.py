@@ -1,6 +1,12 @@
 import pytest
 import torch
 
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "vllm_seams: the plugin's seams into vLLM's Python code, below any engine; "
+        "scripts/test_releases.sh runs them against each supported release's sources")
+
 from pio_fvlm_vllm.algorithm import DecoderLayerWeights, DecoderShape, ProxyWeights
 
 

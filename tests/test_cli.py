@@ -39,8 +39,8 @@ def test_the_guard_acts_only_on_vllm_commands_naming_an_excluded_plugin(argv, en
 
 
 @pytest.mark.parametrize("version, supported", [
-    ("0.32.0", True), ("0.32.0+cpu", True), ("0.32.3", True), ("0.33.0", False), ("0.31.2", False),
-    ("0.33.0rc1", False),
+    ("0.32.0", True), ("0.32.0+cpu", True), ("0.32.3", True), ("0.33.0", True), ("0.34.0", True),
+    ("0.34.2", True), ("0.31.2", False), ("0.35.0", False), ("0.35.0rc1", False),
 ])
 def test_the_vllm_version_gate(version, supported):
     from pio_fvlm_vllm import unsupported_vllm
