@@ -8,6 +8,8 @@ from pio_fvlm_vllm.algorithm import DecoderLayerWeights, DecoderShape, ImageCont
 from pio_fvlm_vllm.algorithm.decoder import decoder_layer, rotary_cos_sin
 from pio_fvlm_vllm.algorithm.saliency import gradient_saliency
 
+pytestmark = pytest.mark.vllm_seams
+
 SECTION = (2, 3, 3)  # head_dim 16
 
 

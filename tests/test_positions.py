@@ -13,6 +13,8 @@ from pio_fvlm_vllm.vllm_ext.context import CONTEXT_FIELD, KEEP_ALL, NO_HANDOFF, 
 from pio_fvlm_vllm.vllm_ext.handoff import HandoffBuffers
 from pio_fvlm_vllm.vllm_ext.positions_hook import PositionsHook, initial_positions, served_rows
 
+pytestmark = pytest.mark.vllm_seams
+
 D = 8
 
 

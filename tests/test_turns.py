@@ -13,6 +13,8 @@ from pio_fvlm_vllm.vllm_ext.served import ServedSets, VisionCache
 from pio_fvlm_vllm.vllm_ext.turns import (ChatTurns, Delta, chat_turns, image_starts, index_after_text, plan_turns,
                                           text_count)
 
+pytestmark = pytest.mark.vllm_seams
+
 IMG = 99
 
 

@@ -1,4 +1,4 @@
-"""The glue between the engine-independent algorithm and vLLM 0.32."""
+"""The glue between the engine-independent algorithm and vLLM (0.32 to 0.34)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,15 @@ def is_front_end_process() -> bool:
 def install() -> None:
     from vllm import ModelRegistry
 
-    from .engine_config import enable_cpu_pruning_hook, install_engine_config
+    from .cpu_runner import enable_pruning_hook
+    from .engine_config import install_engine_config
     from .families import FAMILIES
     from .stats import ensure_stats_dir, register_collector
 
     for architecture, family in FAMILIES.items():
         ModelRegistry.register_model(architecture, family.model_class)
         install_engine_config(architecture)
-    enable_cpu_pruning_hook()
+    enable_pruning_hook()
     if not is_front_end_process():
         return
     from .cli import install_cli_flag

@@ -1,8 +1,8 @@
 """What the engine needs for pruned tokens to keep their original positions, supplied per model.
 
-vLLM 0.32 lets a model rewrite a request's positions after its multimodal embeddings are
-computed (the M-RoPE pruning hook video pruning uses), on the V1 runner and on Model Runner
-V2. Two engine settings turn that hook on, and the plugin sets both through vLLM's
+vLLM lets a model rewrite a request's positions after its multimodal embeddings are
+computed (the M-RoPE pruning hook video pruning uses), on Model Runner V2 (and V1 before
+0.34). Two engine settings turn that hook on, and the plugin sets both through vLLM's
 per-architecture config hook (`MODELS_CONFIG_MAP`), so `vllm serve DIR --plugin pio_fvlm` and
 `LLM(DIR)` need no extra flag:
 
@@ -12,13 +12,11 @@ per-architecture config hook (`MODELS_CONFIG_MAP`), so `vllm serve DIR --plugin 
 - `video_pruning_rate` > 0: the runners call `recompute_mrope_positions`. LLaVA models have
   no video input, so the value only switches the hook on.
 
-vLLM 0.32's CPU runner never sets the flag that calls the hook (`CPUModelRunner.load_model`
-skips what `GPUModelRunner.load_model` does); `enable_cpu_pruning_hook` sets it the same way.
+The V1 CPU runner of vLLM 0.32 and 0.33 never sets the flag that calls the hook;
+`cpu_runner.py` sets it (the CPU runner of 0.34 on prunes by itself).
 """
 
 from __future__ import annotations
-
-import functools
 
 from vllm.logger import init_logger
 
@@ -90,30 +88,3 @@ def install_engine_config(architecture: str) -> None:
 
     MODELS_CONFIG_MAP[architecture] = PioFvlmEngineConfig
 
-
-def enable_cpu_pruning_hook() -> None:
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return
-    from vllm.model_executor.models.interfaces import supports_multimodal_pruning
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-
-    load_model = CPUModelRunner.load_model
-    if getattr(load_model, "__pio_fvlm__", False):
-        return
-
-    @functools.wraps(load_model)
-    def wrapper(self, *args, **kwargs):
-        result = load_model(self, *args, **kwargs)
-        mm_config = self.model_config.multimodal_config
-        # As GPUModelRunner.load_model does; the CPU runner leaves it False.
-        self.is_multimodal_pruning_enabled = (
-            supports_multimodal_pruning(self.get_model())
-            and mm_config is not None
-            and mm_config.is_multimodal_pruning_enabled()
-        )
-        return result
-
-    wrapper.__pio_fvlm__ = True
-    CPUModelRunner.load_model = wrapper

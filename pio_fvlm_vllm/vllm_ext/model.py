@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import torch
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
-from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 
 from ..algorithm import (ImageContext, ProxyWeights, Selection, seeded_random, select, select_on_every_rank,
                          uniform_stride_among)
@@ -33,29 +32,9 @@ from .kept_indices import KEPT_STORE
 from .positions_hook import PositionsHook
 from .served import ProxyCache, ServedSets, VisionCache
 from .stats import SELECTION_STATS
+from .weights import attach_proxy_snapshot
 
 logger = init_logger("vllm.pio_fvlm")
-
-
-class ProxySnapshotHook(QuantizeMethodBase):
-    """Takes the proxy's weights right after loading, before any post-load processing.
-
-    vLLM runs `process_weights_after_loading` on every module with a `quant_method`, the root
-    module first, for real and dummy weights alike; on CPU the later calls repack the linear
-    weights into opaque handles, so this is the last moment they are readable.
-    """
-
-    requires_device_loading = False
-    supports_pre_processed_weights = True
-
-    def create_weights(self, layer, *args, **kwargs):  # pragma: no cover - never a layer
-        raise NotImplementedError
-
-    def apply(self, layer, *args, **kwargs):  # pragma: no cover - never a layer
-        raise NotImplementedError
-
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        layer.snapshot_proxy_weights()
 
 
 def _as_list(batched: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -95,7 +74,7 @@ class PioFvlmModel:
         self.pio_served = ServedSets(self.pio_settings.served_sets)
         self.pio_vision = VisionCache(self.pio_settings.vision_cache_mb << 20)
         self.pio_proxy_cache = ProxyCache(self.pio_settings.proxy_cache_mb << 20)
-        self.quant_method = ProxySnapshotHook()
+        attach_proxy_snapshot(self, self.snapshot_proxy_weights)
         model_config = vllm_config.model_config
         if not FAMILIES[pruned_architecture(model_config.architectures, model_config.hf_config)].handoff:
             self.pio_handoff_layer = 0

@@ -2,7 +2,7 @@
 
 vLLM fuses q/k/v and gate/up projections; the proxy wants them apart. On CPU the engine
 repacks linear weights into oneDNN handles after loading and leaves empty tensors behind, so
-the snapshot must be taken before that (see `ProxySnapshotHook`) and must own its memory;
+the snapshot must be taken before that (see `weights.py`) and must own its memory;
 on accelerators views of the engine's parameters suffice.
 """
 
