@@ -14,6 +14,7 @@ from pio_fvlm_vllm.settings import ENV_PREFIX, PioFvlmSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = {path.name: path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))}
 
 
 def test_ci_runs_the_readme_test_command():
@@ -29,12 +30,35 @@ def test_every_setting_is_documented_and_every_documented_variable_exists():
     assert documented == fields
 
 
-def test_readme_modules_and_scripts_exist():
-    for module in set(re.findall(r"python -m ([\w.]+)", README)):
+@pytest.mark.parametrize("page", ["README.md", *(f"docs/{name}" for name in DOCS)])
+def test_modules_and_scripts_named_in_the_docs_exist(page):
+    text = (ROOT / page).read_text()
+    for module in set(re.findall(r"python -m ([\w.]+)", text)):
         assert subprocess.run([sys.executable, "-c", f"import importlib.util as u; "
                                f"assert u.find_spec({module!r})"], cwd=ROOT).returncode == 0, module
-    for script in set(re.findall(r"bash (scripts/[\w.]+)", README)):
+    for script in set(re.findall(r"bash (scripts/[\w.]+)", text)):
         assert (ROOT / script).exists(), script
+
+
+def test_the_releases_page_matches_the_gate_the_records_and_ci():
+    from pio_fvlm_vllm import SUPPORTED_VLLM, unsupported_vllm
+    from pio_fvlm_vllm.vllm_touch_points import TOUCH_POINTS, recorded
+
+    page = DOCS["vllm-releases.md"]
+    records = recorded()
+    rows = re.findall(r"^\| 0\.1\.0 \| (\d+\.\d+)\.x", page, re.M)
+    assert sorted(set(rows)) == sorted({v.rsplit(".", 1)[0] for v in records})
+    assert all(unsupported_vllm(v) is None for v in records)
+    counts = {v: len(prints) for v, prints in records.items()}
+    assert (f"({len(TOUCH_POINTS)} today: {counts['0.32.0']} apply to 0.32 and 0.33, {counts['0.34.0']} to 0.34)"
+            in page) and counts["0.32.0"] == counts["0.33.0"]
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'gpu = ["vllm{SUPPORTED_VLLM}"]' in pyproject
+    assert "bash scripts/test_releases.sh" in (ROOT / ".ci" / "run").read_text()
+    lane = re.search(r"RELEASES=\(([\d. ]+)\)", (ROOT / "scripts" / "test_releases.sh").read_text()).group(1)
+    assert set(lane.split()) == set(records) - {"0.32.0"}
+    image = re.search(r"^ARG VLLM_VERSION=v(\S+)$", (ROOT / "docker" / "Dockerfile").read_text(), re.M).group(1)
+    assert image in records
 
 
 def test_7b_shape_checkpoint_matches_llava_v16_vicuna_7b(tmp_path):
