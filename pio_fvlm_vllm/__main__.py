@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     width = max(len(r[0]) for r in rows)
+    value_width = max(len(str(r[1])) for r in rows)
     for name, value, source in rows:
-        print(f"{name:<{width}}  {value!s:<12}  {source}")
+        print(f"{name:<{width}}  {value!s:<{value_width}}  {source}")
     for name in PioFvlmSettings.unknown_env(os.environ):
         print(f"warning: {name} is not a pio_fvlm setting and is ignored", file=sys.stderr)
     return 0

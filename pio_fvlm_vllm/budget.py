@@ -13,6 +13,16 @@ from typing import Any
 
 VISUAL_KEEP_FIELD = "visual_keep"
 KEEP_RANGE_TEXT = "a number in (0, 1]"
+_SHOWN_CHARS = 40
+
+
+def shown(value: Any) -> str:
+    """`repr(value)` for an error message, cut so that a client cannot make one echo a huge value."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        return f"an {type(value).__name__} too long to show"
+    return text if len(text) <= _SHOWN_CHARS else f"{text[:_SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 def validate_visual_keep(value: Any, field: str = VISUAL_KEEP_FIELD) -> float:
@@ -23,14 +33,14 @@ def validate_visual_keep(value: Any, field: str = VISUAL_KEEP_FIELD) -> float:
     """
     if isinstance(value, bool) or not isinstance(value, Real):
         raise ValueError(
-            f"{field} must be {KEEP_RANGE_TEXT}, got {type(value).__name__} {value!r}"
+            f"{field} must be {KEEP_RANGE_TEXT}, got {type(value).__name__} {shown(value)}"
         )
     try:
         keep = float(value)
     except OverflowError:  # an int too large for a float
         raise ValueError(f"{field} must be {KEEP_RANGE_TEXT}, got an integer too large to be one") from None
     if not math.isfinite(keep) or not 0.0 < keep <= 1.0:
-        raise ValueError(f"{field} must be {KEEP_RANGE_TEXT}, got {value!r}")
+        raise ValueError(f"{field} must be {KEEP_RANGE_TEXT}, got {shown(value)}")
     return keep
 
 
@@ -68,7 +78,7 @@ def validate_visual_turns(value: Any, field: str = VISUAL_TURNS_FIELD) -> str:
     """Returns `value` as one of `VISUAL_TURNS_MODES`, or raises ValueError naming `field`."""
     if not isinstance(value, str) or value not in VISUAL_TURNS_MODES:
         allowed = ", ".join(f'"{m}"' for m in VISUAL_TURNS_MODES)
-        raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
+        raise ValueError(f"{field} must be one of {allowed}, got {shown(value)}")
     return value
 
 

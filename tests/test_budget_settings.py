@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from pio_fvlm_vllm.budget import budget, validate_visual_keep
+from pio_fvlm_vllm.budget import budget, validate_visual_keep, validate_visual_turns
 from pio_fvlm_vllm.settings import PioFvlmSettings, default_proxy_layer
 
 
@@ -106,3 +106,13 @@ def test_unknown_prefixed_variables_are_listed():
 def test_keep_as_a_huge_integer_names_the_field():
     with pytest.raises(ValueError, match=r"^visual_keep must be a number in \(0, 1\], got an integer too large"):
         validate_visual_keep(10**400)
+
+
+@pytest.mark.parametrize("value", [10**300, "x" * 500, [0.5] * 200])
+def test_a_rejected_value_is_shown_cut(value):
+    with pytest.raises(ValueError) as error:
+        validate_visual_keep(value)
+    assert len(str(error.value)) < 140 and "characters)" in str(error.value)
+    with pytest.raises(ValueError) as error:
+        validate_visual_turns(value)
+    assert len(str(error.value)) < 200

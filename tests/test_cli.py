@@ -60,6 +60,10 @@ def test_settings_command_prints_effective_values_and_their_sources(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0]: line.split(None, 2)[1:] for line in result.stdout.splitlines()}
+    # One column each: every source starts at the same offset.
+    lines = result.stdout.splitlines()
+    assert len({line.index(source) for line, (_, source) in zip(lines, rows.values())
+                if source.startswith(("default", "PIO_FVLM_"))}) == 1
     assert rows["visual_keep"] == ["0.25", "--mm-processor-kwargs"]
     assert rows["nms_threshold"] == ["0.8", "PIO_FVLM_SCORING=official"]
     assert rows["nms_inclusive"] == ["False", "PIO_FVLM_NMS_INCLUSIVE"]

@@ -159,6 +159,16 @@ def dashboard_metric_names() -> set[str]:
     return {re.sub(r"_bucket$", "", n) for n in names}
 
 
+def test_every_dashboard_query_follows_the_model_variable():
+    dashboard = json.loads((ROOT / "docker/grafana/dashboards/pio_fvlm.json").read_text())
+    (variable,) = dashboard["templating"]["list"]
+    assert variable["name"] == "model_name" and "label_values(" in variable["definition"]
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            series = re.findall(r"\b(?:pio_fvlm|vllm:)[a-z_:]+(\{[^}]*\})?", target["expr"])
+            assert series and all('model_name=~"$model_name"' in labels for labels in series), target["expr"]
+
+
 def test_compose_wires_prometheus_and_grafana_to_the_server():
     compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())["services"]
     scrape = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
@@ -175,7 +185,7 @@ def test_compose_wires_prometheus_and_grafana_to_the_server():
     assert "pio_fvlm_served_images_total" in dashboard_metric_names()
 
 
-def test_entrypoint_adds_the_plugin_flag_once(tmp_path):
+def test_entrypoint_adds_the_plugin_and_host_flags_only_when_not_given(tmp_path):
     fake = tmp_path / "vllm"
     fake.write_text('#!/usr/bin/env bash\necho "$@"\n')
     fake.chmod(0o755)
@@ -184,6 +194,9 @@ def test_entrypoint_adds_the_plugin_flag_once(tmp_path):
                                     capture_output=True, text=True, check=True).stdout.split()
     assert run("m") == ["serve", "m", "--plugin", "pio_fvlm", "--host", "0.0.0.0"]
     assert run("m", "--plugin", "pio_fvlm", "--host", "127.0.0.1").count("--plugin") == 1
+    # The caller's host wins, in either spelling.
+    assert run("m", "--host=127.0.0.1") == ["serve", "m", "--host=127.0.0.1", "--plugin", "pio_fvlm"]
+    assert run("m", "--host", "::1", "--plugin=pio_fvlm") == ["serve", "m", "--host", "::1", "--plugin=pio_fvlm"]
 
 
 def test_demo_command_runs_end_to_end(tmp_path):

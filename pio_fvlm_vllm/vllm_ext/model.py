@@ -70,6 +70,7 @@ class PioFvlmModel:
         self.pio_proxy_layers = self.pio_settings.proxy_layer_for(text_config.num_hidden_layers)
         self.pio_handoff_layer = self.pio_settings.handoff_layer_for(text_config.num_hidden_layers)
         self.pio_tp_size = vllm_config.parallel_config.tensor_parallel_size
+        self.pio_model_name = vllm_config.model_config.served_model_name or vllm_config.model_config.model
         self.pio_proxy: ProxyWeights | None = None
         self.pio_served = ServedSets(self.pio_settings.served_sets)
         self.pio_vision = VisionCache(self.pio_settings.vision_cache_mb << 20)
@@ -237,7 +238,8 @@ class PioFvlmModel:
                 text = self._embed_text(ctx.suffix_ids[first: first + ctx.handoff_rows], embeds.device)
                 embeds = torch.cat([embeds, text.to(embeds.dtype)])
             embeddings[i] = self.pio_positions.rows(embeds, kept, ctx, selection.handoff_states[j], grids[i])
-        SELECTION_STATS.record(seen, [contexts[i].num_keep for i in todo], time.perf_counter() - start, failed)
+        SELECTION_STATS.record(self.pio_model_name, seen, [contexts[i].num_keep for i in todo],
+                               time.perf_counter() - start, failed)
 
     def _proxy_past(self, ctx: PromptContext, image: torch.Tensor):
         """The proxy past a delta's pass continues: the previous item of its image, whose

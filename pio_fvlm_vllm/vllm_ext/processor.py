@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from vllm.exceptions import VLLMValidationError
 from vllm.multimodal.inputs import (MultiModalBatchedField, MultiModalFieldElem, MultiModalKwargsItem,
                                     MultiModalKwargsItems, PlaceholderRange)
 from vllm.multimodal.parse import ImageEmbeddingItems, ImageProcessorItems
@@ -310,10 +311,11 @@ class PioFvlmProcessor:
         model's positions as it would without pruning (the same bound stock vLLM applies)."""
         max_len = self.info.ctx.model_config.max_model_len
         if unpruned_len > max_len:
-            raise ValueError(
+            raise VLLMValidationError(
                 f"visual_keep: this prompt is at least {unpruned_len} tokens before pruning, more than the "
                 f"model's maximum context length of {max_len}; pruned tokens keep their original "
-                f"positions, so the unpruned prompt must fit. Send fewer or smaller images."
+                f"positions, so the unpruned prompt must fit. Send fewer or smaller images.",
+                parameter=VISUAL_KEEP_FIELD,
             )
 
     def _get_mm_hashes(self, inputs):

@@ -33,7 +33,8 @@ def _validated(value: Any, where: str, field: str = VISUAL_KEEP_FIELD) -> Any:
     try:
         return validate(value, field=where)
     except ValueError as exc:
-        raise VLLMValidationError(str(exc), parameter=field, value=value) from None
+        # The message shows the value, cut; vLLM would append the whole value again.
+        raise VLLMValidationError(str(exc), parameter=field) from None
 
 
 def _normalised(key: str) -> str:

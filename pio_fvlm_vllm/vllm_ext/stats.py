@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 STATS_DIR_ENV = "PIO_FVLM_STATS_DIR"
+MODEL_LABEL = "model_name"  # as vLLM's own metrics and the served-image ones label it
 
 # Upper bounds (seconds) of the selection-time histogram's buckets; +Inf is implied.
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -49,14 +50,14 @@ class _MultiprocessMetrics:
     def __init__(self) -> None:
         from prometheus_client import Counter, Histogram
 
-        self.counters = {field: Counter(name, HELP[name]) for name, field in _COUNTER_FIELDS.items()}
+        self.counters = {field: Counter(name, HELP[name], [MODEL_LABEL]) for name, field in _COUNTER_FIELDS.items()}
         self.passes = Histogram("pio_fvlm_selection_pass_seconds", HELP["pio_fvlm_selection_pass_seconds"],
-                                buckets=SECONDS_BUCKETS)
+                                [MODEL_LABEL], buckets=SECONDS_BUCKETS)
 
-    def record(self, increments: dict[str, float], seconds: float) -> None:
+    def record(self, model_name: str, increments: dict[str, float], seconds: float) -> None:
         for field, value in increments.items():
-            self.counters[field].inc(value)
-        self.passes.observe(seconds)
+            self.counters[field].labels(model_name).inc(value)
+        self.passes.labels(model_name).observe(seconds)
 
 
 @dataclass
@@ -71,25 +72,27 @@ class SelectionCounters:
 
 
 class SelectionStats:
-    """Process-local counters, persisted for the API server after every update."""
+    """Process-local counters per served model name, persisted for the API server after every
+    update."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.counters = SelectionCounters()
+        self.counters: dict[str, SelectionCounters] = {}
         self._multiprocess: _MultiprocessMetrics | None = None
 
-    def record(self, tokens_seen: list[int], tokens_kept: list[int], seconds: float, failed: bool) -> None:
+    def record(self, model_name: str, tokens_seen: list[int], tokens_kept: list[int], seconds: float,
+               failed: bool) -> None:
         increments = {"images": len(tokens_seen), "tokens_seen": sum(tokens_seen),
                       "tokens_kept": sum(tokens_kept), "failures": int(failed), "seconds": seconds}
         with self._lock:
-            c = self.counters
+            c = self.counters.setdefault(model_name, SelectionCounters())
             for name, value in increments.items():
                 setattr(c, name, getattr(c, name) + value)
             c.seconds_buckets[bisect_left(SECONDS_BUCKETS, seconds)] += 1
-            self._persist(asdict(c))
+            self._persist({model: asdict(counters) for model, counters in self.counters.items()})
             if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
                 self._multiprocess = self._multiprocess or _MultiprocessMetrics()
-                self._multiprocess.record(increments, seconds)
+                self._multiprocess.record(model_name, increments, seconds)
 
     @staticmethod
     def _persist(values: dict) -> None:
@@ -121,22 +124,27 @@ def ensure_stats_dir() -> str:
     return directory
 
 
-def read_totals(directory: str | None = None) -> SelectionCounters:
+def read_totals(directory: str | None = None) -> dict[str, SelectionCounters]:
+    """Every worker's counters, summed per served model name."""
     directory = directory or os.environ.get(STATS_DIR_ENV)
-    total = SelectionCounters()
+    totals: dict[str, SelectionCounters] = {}
     if not directory or not os.path.isdir(directory):
-        return total
+        return totals
     for path in Path(directory).glob("*.json"):
         try:
-            values = json.loads(path.read_text())
+            per_model = json.loads(path.read_text())
         except (OSError, ValueError):
             continue  # being replaced right now; the next scrape reads it
-        for name, value in values.items():
-            if name == "seconds_buckets" and len(value) == len(total.seconds_buckets):
-                total.seconds_buckets = [a + b for a, b in zip(total.seconds_buckets, value)]
-            elif hasattr(total, name) and not isinstance(value, list):
-                setattr(total, name, getattr(total, name) + value)
-    return total
+        for model_name, values in per_model.items():
+            if not isinstance(values, dict):
+                continue
+            total = totals.setdefault(model_name, SelectionCounters())
+            for name, value in values.items():
+                if name == "seconds_buckets" and len(value) == len(total.seconds_buckets):
+                    total.seconds_buckets = [a + b for a, b in zip(total.seconds_buckets, value)]
+                elif hasattr(total, name) and not isinstance(value, list):
+                    setattr(total, name, getattr(total, name) + value)
+    return totals
 
 
 class SelectionCollector:
@@ -145,15 +153,21 @@ class SelectionCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-        t = read_totals()
+        totals = read_totals()
         for name, field in _COUNTER_FIELDS.items():
-            yield CounterMetricFamily(name, HELP[name], value=getattr(t, field))
-        cumulative, buckets = 0, []
-        for bound, count in zip([*map(str, SECONDS_BUCKETS), "+Inf"], t.seconds_buckets):
-            cumulative += count
-            buckets.append((bound, cumulative))
-        yield HistogramMetricFamily("pio_fvlm_selection_pass_seconds", HELP["pio_fvlm_selection_pass_seconds"],
-                                    buckets=buckets, sum_value=t.seconds)
+            family = CounterMetricFamily(name, HELP[name], labels=[MODEL_LABEL])
+            for model_name, t in totals.items():
+                family.add_metric([model_name], getattr(t, field))
+            yield family
+        passes = HistogramMetricFamily("pio_fvlm_selection_pass_seconds", HELP["pio_fvlm_selection_pass_seconds"],
+                                       labels=[MODEL_LABEL])
+        for model_name, t in totals.items():
+            cumulative, buckets = 0, []
+            for bound, count in zip([*map(str, SECONDS_BUCKETS), "+Inf"], t.seconds_buckets):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            passes.add_metric([model_name], buckets, sum_value=t.seconds)
+        yield passes
 
 
 _collector_registered = False

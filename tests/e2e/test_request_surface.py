@@ -50,6 +50,7 @@ def test_many_tiny_images_at_a_tiny_keep_are_refused_before_processing(client, m
     assert status == 400, payload
     text = json.dumps(payload)
     assert "visual_keep" in text and "before pruning" in text and "maximum context length of 4096" in text
+    assert payload["error"]["param"] == "visual_keep", payload
     _assert_serving(client, model_name, server)
 
 
@@ -65,6 +66,7 @@ def test_huge_numbers_and_look_alike_keys_are_400s_naming_the_field(client, mode
     assert status == 400, payload
     message = json.dumps(payload)
     assert where in message and "visual_keep" in message
+    assert str(value)[:60] not in message  # a huge value is not echoed back whole
     _assert_serving(client, model_name, server)
 
 

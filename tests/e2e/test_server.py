@@ -150,8 +150,11 @@ def test_prometheus_metrics_count_the_selection(client, model_name, server):
     assert metric(server.base_url, "pio_fvlm_selection_pass_seconds_sum") == pytest.approx(
         metric(server.base_url, "pio_fvlm_selection_seconds_total"))
     text = fetch_metrics(server.base_url)
-    buckets = [float(v) for v in re.findall(r'^pio_fvlm_selection_pass_seconds_bucket{le="[^"]+"} (\S+)$', text, re.M)]
+    buckets = [float(v) for v in re.findall(r'^pio_fvlm_selection_pass_seconds_bucket{[^}]*le="[^"]+"[^}]*} (\S+)$',
+                                            text, re.M)]
     assert len(buckets) == 14 and buckets == sorted(buckets) and buckets[-1] == passes_before + 1
+    # The workers' counters carry the served model's name, as vLLM's own metrics do.
+    assert re.search(rf'^pio_fvlm_image_tokens_kept_total{{model_name="{re.escape(model_name)}"}} ', text, re.M)
 
 
 def test_streaming_carries_the_header(server, model_name):
