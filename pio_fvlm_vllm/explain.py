@@ -128,8 +128,10 @@ def explain(checkpoint: str, image_path: str, question: str, keep: float, out: P
     start, end = prepared.image_spans[0]
     base, tiles = llava_next_grids(model.config, prepared.image_sizes[0], end - start)
     draw(image, [("base view", base), ("anyres tiles", tiles)], kept.cpu(), out)
-    return {"kept": int(kept.numel()), "tokens": end - start, "base_kept": len(base.cells(kept)),
-            "tiles_kept": len(tiles.cells(kept)), "out": str(out)}
+    base_kept, tiles_kept = len(base.cells(kept)), len(tiles.cells(kept))
+    # The rest are row-end newline tokens of the tiles: kept, but no patch to draw.
+    return {"kept": int(kept.numel()), "tokens": end - start, "base_kept": base_kept, "tiles_kept": tiles_kept,
+            "newlines_kept": int(kept.numel()) - base_kept - tiles_kept, "out": str(out)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"kept {result['kept']} of {result['tokens']} image tokens: {result['base_kept']} base-view patches, "
-          f"{result['tiles_kept']} tile patches; wrote {result['out']}")
+          f"{result['tiles_kept']} tile patches, {result['newlines_kept']} row-end newline tokens (no patch); "
+          f"wrote {result['out']}")
     return 0
 
 

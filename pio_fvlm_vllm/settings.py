@@ -37,7 +37,8 @@ _DEFAULT_PROXY_LAYER_BY_DEPTH = {32: 2, 40: 3, 60: 4, 80: 5}
 # server's processes, the test fault injector, the set-up script's options, and the vLLM
 # version gate's override.
 _OTHER_ENV = {"PIO_FVLM_STATS_DIR", "PIO_FVLM_TEST_FAIL_ON_TOKENS", "PIO_FVLM_VENV", "PIO_FVLM_EXTRAS",
-              "PIO_FVLM_ALLOW_UNSUPPORTED_VLLM"}
+              "PIO_FVLM_ALLOW_UNSUPPORTED_VLLM", "PIO_FVLM_PIP_ISOLATED", "PIO_FVLM_TORCH_INDEX",
+              "PIO_FVLM_RELEASE_CACHE"}
 
 
 def default_proxy_layer(num_hidden_layers: int) -> int:

@@ -20,7 +20,8 @@ for version in "${RELEASES[@]}"; do
   src="$CACHE/vllm-$version"
   if [ ! -f "$src/.complete" ]; then
     echo "==> [releases] vLLM $version: downloading its wheel and unpacking its Python sources"
-    "$VENV/bin/python" -m pip download --quiet --no-deps --dest "$CACHE" "vllm==$version"
+    pip_isolated=(); [ "${PIO_FVLM_PIP_ISOLATED:-0}" = "1" ] && pip_isolated=(--isolated)
+    "$VENV/bin/python" -m pip "${pip_isolated[@]}" download --quiet --no-deps --dest "$CACHE" "vllm==$version"
     rm -rf "$src" && mkdir -p "$src"
     "$VENV/bin/python" - "$CACHE" "$version" "$src" <<'PY'
 import sys, zipfile

@@ -25,9 +25,42 @@ def test_ci_runs_the_readme_test_command():
 def test_every_setting_is_documented_and_every_documented_variable_exists():
     from pio_fvlm_vllm.settings import _OTHER_ENV  # prefixed variables that are not settings
 
-    documented = set(re.findall(rf"`({ENV_PREFIX}[A-Z_]+)`", README)) - _OTHER_ENV
     fields = {ENV_PREFIX + name.upper() for name in PioFvlmSettings.model_fields}
-    assert documented == fields
+    table = set(re.findall(rf"^\| `({ENV_PREFIX}[A-Z_]+)`", DOCS["settings.md"], re.M))
+    assert table == fields
+    for page, text in {"README.md": README, **DOCS}.items():
+        named = set(re.findall(rf"`({ENV_PREFIX}[A-Z_]+)`", text))
+        assert named <= fields | _OTHER_ENV, (page, named - fields - _OTHER_ENV)
+
+
+def test_readme_is_a_front_door():
+    assert len(README.splitlines()) <= 250
+    for heading in ("## Install", "## Models and versions", "## The per-request API", "## Limitations",
+                    "## Troubleshooting", "## Results"):
+        assert heading in README
+    linked = set(re.findall(r"\]\(docs/([\w.-]+\.md)", README))
+    assert linked == set(DOCS), set(DOCS) ^ linked
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", ["README.md", "docker/README.md", *(f"docs/{name}" for name in DOCS)])
+def test_every_relative_link_and_anchor_resolves(page):
+    path = ROOT / page
+    text = path.read_text()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        file, _, anchor = target.partition("#")
+        resolved = (path.parent / file).resolve() if file else path
+        assert resolved.exists(), (page, target)
+        if anchor and resolved.suffix == ".md":
+            headings = re.findall(r"^#+ (.+)$", resolved.read_text(), re.M)
+            assert anchor in {_slug(h) for h in headings}, (page, target)
 
 
 @pytest.mark.parametrize("page", ["README.md", *(f"docs/{name}" for name in DOCS)])

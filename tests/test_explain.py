@@ -1,6 +1,7 @@
 """The explain picture: its patch grids are the model's token layout, and the command draws
 what the selection keeps."""
 
+import re
 import subprocess
 import sys
 
@@ -43,6 +44,9 @@ def test_the_command_draws_the_kept_patches(tiny_checkpoint, tmp_path):
                              "--keep", "0.11", "--out", str(out)], capture_output=True, text=True, check=True)
     # budget(2340, 0.11) = 257, as the server's header reports for this image.
     assert result.stdout.startswith("kept 257 of 2340 image tokens")
+    # Every kept token is accounted for: patches drawn plus newline tokens that cover none.
+    counts = [int(n) for n in re.findall(r"(\d+) (?:base-view patches|tile patches|row-end newline)", result.stdout)]
+    assert sum(counts) == 257, result.stdout
     picture = Image.open(out)
     assert picture.height == 480 + 24 and picture.width == 2 * 640 + 8
     bad = subprocess.run([sys.executable, "-m", "pio_fvlm_vllm.explain", "--checkpoint", str(tiny_checkpoint),
