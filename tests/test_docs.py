@@ -177,6 +177,17 @@ def test_cpu_image_installs_with_the_readme_setup_script():
     assert 'ENTRYPOINT ["/usr/local/bin/pio-fvlm-serve"]' in text
 
 
+def test_the_cpu_run_line_is_the_one_the_smoke_script_runs():
+    """The documented CPU run line gives the shared memory vLLM needs, the image has the compiler
+    torch.compile needs, and the committed smoke test runs that very line."""
+    readme = (ROOT / "docker" / "README.md").read_text()
+    (line,) = re.findall(r"^docker run .*pio-fvlm-vllm:cpu /models/tiny.*$", readme, re.M)
+    assert "--shm-size=" in line and "-p 8000:8000" in line
+    assert re.search(r"install .*\bg\+\+=", (ROOT / "docker" / "Dockerfile.cpu").read_text())
+    smoke = (ROOT / "scripts" / "docker_cpu_smoke.sh").read_text()
+    assert "grep -E '^docker run .*pio-fvlm-vllm:cpu /models/tiny' docker/README.md" in smoke
+
+
 def test_compose_file_builds_the_gpu_image():
     compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
     service = compose["services"]["llava"]
