@@ -21,7 +21,9 @@ if [ "$BASE" = "debian-local" ]; then
   if ! "$ENGINE" image exists "$BASE" 2>/dev/null && [ -z "$("$ENGINE" images -q "$BASE" 2>/dev/null)" ]; then
     step "base image $BASE from Debian bookworm's packages (debootstrap)"
     rootfs="$(mktemp -d)"
-    debootstrap --variant=minbase --include=python3.11,python3.11-venv,ca-certificates \
+    # python3-distutils provides the python3.11-distutils that python3.11-venv needs (debootstrap
+    # does not resolve "Provides").
+    debootstrap --variant=minbase --include=python3.11,python3.11-venv,python3-distutils,python3-lib2to3,ca-certificates \
       bookworm "$rootfs" http://deb.debian.org/debian
     ln -sf python3.11 "$rootfs/usr/bin/python3"
     tar -C "$rootfs" -c . | "$ENGINE" import - "$BASE"
