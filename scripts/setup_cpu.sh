@@ -63,12 +63,16 @@ step 3/6 "torch $TORCH_VERSION + torchvision $TORCHVISION_VERSION from one index
 if "$VPY" -c 'import torch, torchvision, torchvision.ops; torchvision.ops.nms' 2>/dev/null \
    && [ "$("$VPY" -c 'import torch; print(torch.__version__.split("+")[0])')" = "$TORCH_VERSION" ]; then
   echo "torch $("$VPY" -c 'import torch; print(torch.__version__)') and torchvision load together"
+elif [ -n "${PIO_FVLM_TORCH_INDEX:-}" ] && [ "$TORCH_INDEX" != "pypi" ] && ! reachable "$TORCH_INDEX"; then
+  # An index the caller named is not replaced behind their back.
+  echo "PIO_FVLM_TORCH_INDEX=$TORCH_INDEX does not answer (expected a PEP 503 index with torch/, or \"pypi\")" >&2
+  false
 elif [ "$TORCH_INDEX" != "pypi" ] && reachable "$TORCH_INDEX"; then
   echo "CPU build from $TORCH_INDEX"
   "${PIP[@]}" install --progress-bar off --index-url "$TORCH_INDEX" \
     "torch==$TORCH_VERSION+cpu" "torchvision==$TORCHVISION_VERSION+cpu"
 else
-  echo "PyPI's build ($TORCH_INDEX not reachable or not chosen; about 3 GB more than the CPU build)"
+  echo "PyPI's build ($TORCH_INDEX not reachable or \"pypi\" chosen; about 3 GB more than the CPU build)"
   "${PIP[@]}" uninstall --yes --quiet torch torchvision 2>/dev/null || true
   "${PIP[@]}" install --progress-bar off "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
 fi

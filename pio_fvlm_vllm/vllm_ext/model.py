@@ -70,7 +70,7 @@ class PioFvlmModel:
         self.pio_proxy_layers = self.pio_settings.proxy_layer_for(text_config.num_hidden_layers)
         self.pio_handoff_layer = self.pio_settings.handoff_layer_for(text_config.num_hidden_layers)
         self.pio_tp_size = vllm_config.parallel_config.tensor_parallel_size
-        self.pio_model_name = vllm_config.model_config.served_model_name or vllm_config.model_config.model
+        self.pio_model_name = vllm_config.model_config.served_model_name  # vLLM's own metrics label
         self.pio_proxy: ProxyWeights | None = None
         self.pio_served = ServedSets(self.pio_settings.served_sets)
         self.pio_vision = VisionCache(self.pio_settings.vision_cache_mb << 20)
