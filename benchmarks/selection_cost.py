@@ -125,7 +125,7 @@ def main(argv=None):
     weights = random_weights(args.shape, max(max(args.k), min(measured, depth)), device, dtype)
     hidden = SHAPES[args.shape][0]
 
-    rows = []
+    results = []
     settings = PioFvlmSettings()
     for n in args.n:
         g = torch.Generator(device="cpu").manual_seed(n)
@@ -143,6 +143,14 @@ def main(argv=None):
                 return nms_select(sal.scores, sal.features, [k_keep], settings.nms_threshold,
                                   inclusive=settings.nms_inclusive)
 
+            # The hand-off after layer K: layer K's output at the kept rows and the text after
+            # the image, from the input the proxy pass leaves (what the served model takes over).
+            handoff = gradient_saliency(proxy, [ctx], backprop_layers=settings.backprop_layers,
+                                        handoff_layer=k).handoff_inputs[0]
+            start = ctx.prefix_embeds.shape[0]
+            rows = torch.cat([start + torch.arange(k_keep) * (n // k_keep),
+                              torch.arange(start + n, ctx.length)])
+
             with OpCounter() as ops:
                 nms()
             progress(f"n={n} K={k}: prefills ({measured} of {depth} layers), selection, saliency, NMS")
@@ -152,10 +160,11 @@ def main(argv=None):
                 "selection": lambda: select_tokens(proxy, [ctx], [k_keep], settings),
                 "saliency": lambda: gradient_saliency(proxy, [ctx], backprop_layers=settings.backprop_layers),
                 "nms": nms,
+                "handoff": lambda: handoff.output_at(proxy, rows),
             }, device, args.repeats)
             scale = depth / measured
-            rows.append((n, k, k_keep, t["full"] * scale, t["pruned"] * scale, t["selection"], t["saliency"],
-                         t["nms"], ops.count))
+            results.append((n, k, k_keep, t["full"] * scale, t["pruned"] * scale, t["selection"], t["saliency"],
+                            t["nms"], ops.count, t["handoff"]))
 
     mixed_lines = _mixed_batch(args, weights, hidden, device, dtype, settings) if args.mixed else []
 
@@ -165,13 +174,14 @@ def main(argv=None):
              "| image tokens n | K | kept | full prefill s | pruned prefill s | selection s | saliency s | "
              "NMS s | NMS tensor ops | NMS / selection | selection / full | selection / pruned | "
              "one full layer / pruned | selection / one full layer | "
-             "(pruned + selection) speed-up | free-selection speed-up |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for n, k, kept, tf, tp, ts, tsal, tnms, ops in rows:
+             "(pruned + selection) speed-up | free-selection speed-up | hand-off after layer K s | "
+             "hand-off / selection |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for n, k, kept, tf, tp, ts, tsal, tnms, ops, th in results:
         lines.append(f"| {n} | {k} | {kept} | {tf:.3f} | {tp:.3f} | {ts:.3f} | {tsal:.3f} | {tnms * 1e3:.1f} ms | "
                      f"{ops} | {tnms / ts:.1%} | {ts / tf:.1%} | {ts / tp:.1%} | {tf / depth / tp:.1%} | "
                      f"{ts / (tf / depth):.2f}x | {tf / (tp + ts):.2f}x | "
-                     f"{tf / tp:.2f}x |")
+                     f"{tf / tp:.2f}x | {th:.4f} | {th / ts:.1%} |")
     body = "\n".join(lines + mixed_lines)
     print(body)
     write_result(args.out or f"selection_cost_{args.shape}_{args.device}.md", "Selection cost vs prefill", body)

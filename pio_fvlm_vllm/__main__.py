@@ -12,7 +12,6 @@ from pathlib import Path
 
 from .budget import VISUAL_KEEP_FIELD
 from .settings import ENV_PREFIX, OFFICIAL_SCORING, PioFvlmSettings
-from .vllm_ext.families import FAMILIES
 
 
 def settings_table(environ, model_dir: str | None = None, mm_processor_kwargs: dict | None = None) -> list[tuple]:
@@ -41,10 +40,7 @@ def settings_table(environ, model_dir: str | None = None, mm_processor_kwargs: d
                                                              settings.scoring == "official" else ")")
             elif row[0] == "handoff_layer":
                 row[1] = settings.handoff_layer_for(depth)
-                row[2] += f" (h for {depth} decoder layers)"
-                family = next((FAMILIES[a] for a in config.get("architectures") or () if a in FAMILIES), None)
-                if family is not None and not family.handoff:
-                    row[1:] = [0, f"off for {config['architectures'][0]} (its position rows are the model's)"]
+                row[2] += f" (h for {depth} decoder layers" + (", off)" if row[1] == 0 else ")")
     return [tuple(r) for r in rows]
 
 

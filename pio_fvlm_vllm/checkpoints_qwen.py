@@ -110,7 +110,9 @@ EIGHT_B_3 = QwenShape(
 )
 
 
-def build_tokenizer(text_vocab: int, other_tokens: list[str] = OTHER_TOKENS):
+def build_tokenizer(text_vocab: int, other_tokens: list[str] = OTHER_TOKENS, corpus: list[str] | None = None):
+    """A byte-level BPE of `text_vocab` entries learnt from `corpus` (default: a few English
+    sentences), then Qwen's special tokens in their published order."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -124,7 +126,7 @@ def build_tokenizer(text_vocab: int, other_tokens: list[str] = OTHER_TOKENS):
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=text_vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train_from_iterator([_CORPUS] * 8, trainer=trainer)
+    tok.train_from_iterator(corpus or [_CORPUS] * 8, trainer=trainer)
     missing = text_vocab - tok.get_vocab_size()
     if missing > 0:
         tok.add_tokens([f"<extra_{i}>" for i in range(missing)])
@@ -233,15 +235,20 @@ def hub_key(name: str) -> str | None:
     return name
 
 
-def build(shape: QwenShape, out: Path, *, seed: int, dtype: str, weights: bool) -> int:
-    """Writes the directory; returns the number of parameters written (0 without weights)."""
+def build(shape: QwenShape, out: Path, *, seed: int, dtype: str, weights: bool, corpus: list[str] | None = None,
+          preprocessor: dict | None = None, state: dict | None = None) -> int:
+    """Writes the directory; returns the number of parameters written (0 without weights).
+
+    `corpus`: the text the tokenizer's BPE learns from; `preprocessor`: entries that override the
+    published preprocessor config (min_pixels, say); `state`: the weights to write, a state dict
+    of the transformers model (default: random from `seed`)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForImageTextToText
 
     out.mkdir(parents=True, exist_ok=True)
     qwen3 = shape.generation == "3"
-    tokenizer = build_tokenizer(shape.text_vocab, QWEN3_OTHER_TOKENS if qwen3 else OTHER_TOKENS)
+    tokenizer = build_tokenizer(shape.text_vocab, QWEN3_OTHER_TOKENS if qwen3 else OTHER_TOKENS, corpus)
     tokenizer.save_pretrained(out)
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     tokenizer_config.update(tokenizer_class="Qwen2Tokenizer", errors="replace", split_special_tokens=False)
@@ -249,7 +256,8 @@ def build(shape: QwenShape, out: Path, *, seed: int, dtype: str, weights: bool) 
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN3_CHAT_TEMPLATE if qwen3
                                                         else CHAT_TEMPLATE}, indent=2))
-    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_3 if qwen3 else PREPROCESSOR, indent=2))
+    (out / "preprocessor_config.json").write_text(json.dumps(
+        {**(PREPROCESSOR_3 if qwen3 else PREPROCESSOR), **(preprocessor or {})}, indent=2))
     if qwen3:
         (out / "video_preprocessor_config.json").write_text(json.dumps(VIDEO_PREPROCESSOR_3, indent=2))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -260,13 +268,15 @@ def build(shape: QwenShape, out: Path, *, seed: int, dtype: str, weights: bool) 
          "pad_token_id": ids["<|endoftext|>"], "do_sample": False}, indent=2))
     if not weights:
         return 0
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(out)).to(getattr(torch, dtype))
-    state = {}
-    for name, tensor in model.state_dict().items():
+    if state is None:
+        torch.manual_seed(seed)
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(out)).to(getattr(torch, dtype))
+        state = model.state_dict()
+    published = {}
+    for name, tensor in state.items():
         if name == "lm_head.weight" and config["tie_word_embeddings"]:
             continue
         # Qwen3-VL is published under the names transformers 5 uses.
-        state[name if qwen3 else hub_key(name)] = tensor.contiguous()
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    return sum(t.numel() for t in state.values())
+        published[name if qwen3 else hub_key(name)] = tensor.to(getattr(torch, dtype)).contiguous()
+    save_file(published, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return sum(t.numel() for t in published.values())

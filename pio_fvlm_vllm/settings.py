@@ -44,8 +44,8 @@ _OTHER_ENV = {"PIO_FVLM_STATS_DIR", "PIO_FVLM_TEST_FAIL_ON_TOKENS", "PIO_FVLM_VE
 def default_proxy_layer(num_hidden_layers: int) -> int:
     if num_hidden_layers in _DEFAULT_PROXY_LAYER_BY_DEPTH:
         return _DEFAULT_PROXY_LAYER_BY_DEPTH[num_hidden_layers]
-    # At least 2 where the model has the depth: layer 1's full-sequence states are then a
-    # by-product of the proxy and can be handed to the served prefill (see handoff_layer).
+    # At least 2 where the model has the depth: the layers before the hand-off (after layer K,
+    # see handoff_layer) then see every image token.
     return max(1, min(num_hidden_layers - 1, max(2, round(num_hidden_layers / 16))))
 
 
@@ -131,10 +131,10 @@ class PioFvlmSettings(BaseSettings):
         None,
         ge=0,
         description="h: the kept image tokens of a prompt's first pruned image and the text after "
-        "it take over the proxy's full-sequence states after decoder layer h, so layers > h "
-        "see what the unpruned prompt gives them there. 0 turns it off; at most "
-        "K - backprop_layers (free by-products of the proxy). None: K - backprop_layers, the "
-        "layer whose output the gradient is taken at (the paper's pruning point).",
+        "it take over the states the unpruned prompt gives them after decoder layer h, so layers "
+        "> h see what the paper's pruning inside the model gives them. 0 turns it off; at most "
+        "K - backprop_layers + 1 (the proxy holds that layer's input: its output at the "
+        "handed-off rows costs a fraction of a layer). None: the paper's pruning point, layer K.",
     )
     nms_threshold: float = Field(
         0.9,
@@ -232,20 +232,21 @@ class PioFvlmSettings(BaseSettings):
         return k
 
     def handoff_layer_for(self, num_hidden_layers: int) -> int:
-        """h for a model of this depth (0: no hand-off); checks it against K - backprop_layers."""
-        top = self.proxy_layer_for(num_hidden_layers) - self.backprop_layers
+        """h for a model of this depth (0: no hand-off); checks it against K - backprop_layers + 1."""
+        layers = self.proxy_layer_for(num_hidden_layers)  # what the proxy runs: K, or K + 1 (official)
+        top = layers - self.backprop_layers + 1
         if self.selector != "pio_fvlm":
             if self.handoff_layer:
                 raise ValueError(f"handoff_layer ({ENV_PREFIX}HANDOFF_LAYER) needs selector pio_fvlm (its proxy "
                                  f"pass), got {self.selector}")
             return 0
         if self.handoff_layer is None:
-            # The layer whose output the gradient is taken at: the paper's pruning point.
-            return top
+            # The paper's pruning point: after layer K (official scoring runs one more layer).
+            return min(top, layers - (self.scoring == "official"))
         if self.handoff_layer > top:
             raise ValueError(
                 f"handoff_layer ({ENV_PREFIX}HANDOFF_LAYER) must be in [0, {top}] (proxy_layer K - "
-                f"backprop_layers), got {self.handoff_layer}"
+                f"backprop_layers + 1), got {self.handoff_layer}"
             )
         return self.handoff_layer
 

@@ -228,13 +228,23 @@ def test_four_positions_loss_is_the_mean_over_those_positions(proxy):
                                g[0, start : start + ctx.num_image_tokens].norm(dim=-1))
 
 
-def test_handoff_states_are_the_full_sequence_after_layer_h(proxy):
-    ctx = _context()
-    sal = gradient_saliency(proxy, [ctx, _context(n=5, seed=3)], handoff_layer=1)
-    torch.testing.assert_close(sal.handoff_states[0], _layer_input(proxy, ctx)[0])
-    assert sal.handoff_states[1].shape[0] == _context(n=5, seed=3).length
-    with pytest.raises(ValueError, match=r"handoff_layer must be in \[0, 1\]"):
-        gradient_saliency(proxy, [ctx], handoff_layer=2)
+@pytest.mark.parametrize("layer", [1, 2])
+def test_handoff_rows_take_the_full_sequence_state_after_layer_h(proxy, layer):
+    """Layer h's output at a few rows, from the input the proxy left, is the unpruned
+    sequence's state there after h layers (h = 2 = K: the layer the gradient flows through)."""
+    ctxs = [_context(), _context(n=5, seed=3)]
+    sal = gradient_saliency(proxy, ctxs, handoff_layer=layer)
+    for ctx, handoff in zip(ctxs, sal.handoff_inputs):
+        x = torch.cat([ctx.prefix_embeds, ctx.image_embeds, ctx.suffix_embeds])[None]
+        cos, sin = rotary_cos_sin(torch.arange(x.shape[1])[None], proxy.shape.head_dim, proxy.shape.rope_theta,
+                                  x.dtype)
+        for w in proxy.layers[:layer]:
+            x = decoder_layer(x, w, proxy.shape, cos, sin)
+        rows = torch.tensor([3, 5, ctx.length - 2, ctx.length - 1])
+        assert handoff.states.shape[0] == ctx.length and handoff.layer == layer - 1
+        torch.testing.assert_close(handoff.output_at(proxy, rows), x[0, rows])
+    with pytest.raises(ValueError, match=r"handoff_layer must be in \[0, 2\]"):
+        gradient_saliency(proxy, ctxs[:1], handoff_layer=3)
 
 
 def test_inclusive_nms_suppresses_at_exactly_the_threshold():

@@ -86,12 +86,14 @@ def test_official_scoring_sets_its_defaults_and_explicit_settings_win():
 
 
 def test_handoff_layer_defaults_and_bounds():
-    assert PioFvlmSettings().handoff_layer_for(32) == 1
-    assert PioFvlmSettings(proxy_layer=1).handoff_layer_for(32) == 0  # nothing free to hand off
+    assert PioFvlmSettings().handoff_layer_for(32) == 2  # after layer K = 2, the paper's pruning point
+    assert PioFvlmSettings(handoff_layer=1).handoff_layer_for(32) == 1
+    assert PioFvlmSettings(proxy_layer=1).handoff_layer_for(32) == 1
     assert PioFvlmSettings(scoring="official").handoff_layer_for(32) == 2  # the official pruning point
+    assert PioFvlmSettings(scoring="official", handoff_layer=3).handoff_layer_for(32) == 3
     assert PioFvlmSettings(selector="uniform").handoff_layer_for(32) == 0
-    with pytest.raises(ValueError, match=r"handoff_layer \(PIO_FVLM_HANDOFF_LAYER\) must be in \[0, 1\]"):
-        PioFvlmSettings(handoff_layer=2).handoff_layer_for(32)
+    with pytest.raises(ValueError, match=r"handoff_layer \(PIO_FVLM_HANDOFF_LAYER\) must be in \[0, 2\]"):
+        PioFvlmSettings(handoff_layer=3).handoff_layer_for(32)
     with pytest.raises(ValueError, match="PIO_FVLM_NMS_INCLUSIVE: Input should be a valid boolean"):
         PioFvlmSettings.from_env({"PIO_FVLM_NMS_INCLUSIVE": "maybe"})
     with pytest.raises(ValueError, match="PIO_FVLM_SELECTOR"):

@@ -75,15 +75,17 @@ def test_settings_command_prints_effective_values_and_their_sources(tmp_path):
     assert result.returncode == 2 and "PIO_FVLM_PROXY_LAYER" in result.stderr
 
 
-def test_settings_command_says_the_hand_off_is_off_for_qwen2_5_vl(tmp_path):
+def test_settings_command_shows_the_hand_off_after_layer_k_for_every_family(tmp_path):
     from pio_fvlm_vllm.__main__ import settings_table
 
     (tmp_path / "config.json").write_text(
         '{"architectures": ["Qwen2_5_VLForConditionalGeneration"], "num_hidden_layers": 28}')
     rows = {name: (value, source) for name, value, source in settings_table({}, str(tmp_path))}
-    assert rows["handoff_layer"] == (0, "off for Qwen2_5_VLForConditionalGeneration (its position rows are "
-                                        "the model's)")
+    assert rows["handoff_layer"] == (2, "default (h for 28 decoder layers)")
     assert rows["proxy_layer"][0] == 2
+    rows = {name: (value, source) for name, value, source in settings_table({"PIO_FVLM_HANDOFF_LAYER": "0"},
+                                                                               str(tmp_path))}
+    assert rows["handoff_layer"] == (0, "PIO_FVLM_HANDOFF_LAYER (h for 28 decoder layers, off)")
     (tmp_path / "config.json").write_text(
         '{"architectures": ["LlavaNextForConditionalGeneration"], "text_config": {"num_hidden_layers": 32}}')
-    assert dict((n, v) for n, v, _ in settings_table({}, str(tmp_path)))["handoff_layer"] == 1
+    assert dict((n, v) for n, v, _ in settings_table({}, str(tmp_path)))["handoff_layer"] == 2

@@ -84,7 +84,7 @@ def test_hook_writes_original_positions_of_kept_rows_in_any_chunking():
     kept = torch.tensor([0, 4, 5, 9])
     embeds, rows = _rows(ctx, kept)
     assert rows.shape == (4, D + POSITION_COLUMNS)
-    hook = PositionsHook(D, handoff=None)
+    hook = PositionsHook(D)
     expected = [0, 1, 2, 3, 7, 8, 12, 13, 14, 15, 16, 17]
     whole, new, d = hook.recompute([rows], positions)
     assert new[0].tolist() == new[1].tolist() == expected and d == 6
@@ -103,42 +103,49 @@ def test_prompt_ending_in_image_rows_decodes_after_the_unpruned_prompt():
     ctx = PromptContext(4, 10, 3, 3, NO_HANDOFF, [11, 12, 13], [])
     positions, delta = initial_positions(7, [_feature(ctx, 3, 4)])
     _, rows = _rows(ctx, torch.tensor([0, 2, 4, 6]))  # the last kept token is not the image's last
-    _, new, d = PositionsHook(D, handoff=None).recompute([rows], positions)
+    _, new, d = PositionsHook(D).recompute([rows], positions)
     assert new[0].tolist() == [0, 1, 2, 3, 5, 7, 9]
     assert d == delta == 6  # decode starts at 7 + 6 = 13, right after the unpruned prompt
 
 
-def test_hook_stashes_handoff_states_and_marks_their_rows():
+def test_hook_keeps_handoff_states_on_their_rows_for_the_embedding_step():
     ctx, features = _prompt_with_one_image(handoff=3)
     positions, _ = initial_positions(12, features)
     kept = torch.tensor([1, 2, 6, 7])
-    states = torch.randn(3 + 10 + 5, D)  # proxy sequence: prefix, image, suffix
-    _, rows = _rows(ctx, kept, states)
+    states = torch.randn(4 + 3, D)  # the kept rows', then the three text rows'
+    embeds, rows = _rows(ctx, kept, states)
     assert rows.shape == (7, 2 * D + POSITION_COLUMNS)
-    buffers = HandoffBuffers(max_tokens=32, hidden_size=D, dtype=torch.float32)
-    _, new, delta = PositionsHook(D, buffers).recompute([rows], positions)
+    (stripped,), new, delta = PositionsHook(D).recompute([rows], positions)
     assert new[0].tolist() == [0, 1, 2, 4, 5, 9, 10, 13, 14, 15, 16, 17] and delta == 6
-    marks = new[1]
-    assert (marks[3:10] < 0).all() and (marks[:3] >= 0).all() and (marks[10:] >= 0).all()
-    # The forward of this step: its tokens are the request's rows 3..11.
-    buffers.load(marks[3:])
-    taken = torch.cat([3 + kept, torch.tensor([13, 14, 15])])
-    assert buffers.mask[:9].tolist() == [True] * 7 + [False] * 2
-    assert torch.equal(buffers.states[:7], states[taken])
+    assert torch.equal(new[1], new[0])  # no position row carries anything else
+    assert torch.equal(stripped, torch.cat([embeds, states], dim=-1))
 
 
-def test_handoff_layer_hook_replaces_marked_rows_and_leaves_the_rest_bit_identical():
-    buffers = HandoffBuffers(max_tokens=16, hidden_size=D, dtype=torch.float32)
-    state = torch.randn(2, D)
-    marks = buffers.stash(state)
-    buffers.load(torch.tensor([0, marks[0].item(), 2, marks[1].item(), 4]))
-    hidden, residual = torch.randn(5, D), torch.randn(5, D)
+def test_embedding_step_loads_states_at_the_rows_of_the_flattened_batch():
+    """Two requests in one step: text rows, a chunk of a pruned image (hand-off states), an
+    unpruned image, another pruned chunk; the multimodal mask orders them as the items are."""
+    buffers = HandoffBuffers(max_tokens=32, hidden_size=D, dtype=torch.float32)
+    is_mm = torch.zeros(20, dtype=torch.bool)
+    is_mm[[2, 3, 4, 8, 9, 14, 15]] = True
+    first, whole, second = torch.randn(3, 2 * D), torch.randn(2, D), torch.randn(2, 2 * D)
+    stripped = buffers.load([first, whole, second], is_mm, D)
+    assert [tuple(e.shape) for e in stripped] == [(3, D), (2, D), (2, D)]
+    assert torch.equal(stripped[0], first[:, :D]) and stripped[1] is whole
+    assert buffers.mask.nonzero().flatten().tolist() == [2, 3, 4, 14, 15]
+    assert torch.equal(buffers.states[[2, 3, 4]], first[:, D:]) and torch.equal(buffers.states[[14, 15]], second[:, D:])
+    hidden, residual = torch.randn(20, D), torch.randn(20, D)
     out_h, out_r = buffers.after_layer(None, (), (hidden, residual))
-    assert torch.equal(out_h[[1, 3]], state) and torch.equal(out_r[[1, 3]], torch.zeros(2, D))
-    assert torch.equal(out_h[[0, 2, 4]], hidden[[0, 2, 4]]) and torch.equal(out_r[[0, 2, 4]], residual[[0, 2, 4]])
+    assert torch.equal(out_h[[2, 3, 4]] + out_r[[2, 3, 4]], first[:, D:])
+    keep = torch.ones(20, dtype=torch.bool)
+    keep[[2, 3, 4, 14, 15]] = False
+    assert torch.equal(out_h[keep], hidden[keep]) and torch.equal(out_r[keep], residual[keep])
     buffers.clear()
+    assert not buffers.mask.any()
     out_h, out_r = buffers.after_layer(None, (), (hidden, residual))
     assert torch.equal(out_h, hidden) and torch.equal(out_r, residual)
+    # A step without hand-off rows returns its embeddings as they are, loading nothing.
+    plain = [whole]
+    assert buffers.load(plain, is_mm, D) is plain and not buffers.mask.any()
 
 
 def test_model_runner_v2_pruning_helper_drives_the_hook_on_cpu_tensors():
@@ -149,9 +156,9 @@ def test_model_runner_v2_pruning_helper_drives_the_hook_on_cpu_tensors():
     ctx, features = _prompt_with_one_image(handoff=3)
     positions, delta = initial_positions(12, features)
     kept = torch.tensor([0, 3, 6, 9])
-    embeds, rows = _rows(ctx, kept, torch.randn(18, D))
-    buffers = HandoffBuffers(max_tokens=32, hidden_size=D, dtype=torch.float32)
-    hook = PositionsHook(D, buffers)
+    states = torch.randn(7, D)
+    embeds, rows = _rows(ctx, kept, states)
+    hook = PositionsHook(D)
 
     class RopeState:  # RopeState's two methods the pruner uses, over a CPU int32 table
         table = positions.to(torch.int32).clone()
@@ -175,10 +182,10 @@ def test_model_runner_v2_pruning_helper_drives_the_hook_on_cpu_tensors():
     req_states = SimpleNamespace(all_token_ids=SimpleNamespace(gpu=torch.arange(12)[None]))
     pruner = MultiModalPruner(model, rope, encoder_cache, inputs_embeds_size=D)
     (cleaned,) = pruner.recompute([rows], batch, req_states)
-    assert torch.equal(cleaned, embeds)
+    assert torch.equal(cleaned, torch.cat([embeds, states], dim=-1))  # the states go on to embed_input_ids
     assert rope.table[0].tolist() == [0, 1, 2, 3, 6, 9, 12, 13, 14, 15, 16, 17]
     # MRV2 decode positions are num_computed + i + delta (rope.py's kernel): 12 + 6, the unpruned ones.
-    assert (rope.table[1, 3:10] < 0).all() and rope.deltas[0] == delta == 6
+    assert rope.deltas[0] == delta == 6
 
 
 def _engine_config(pipeline_parallel_size=1, hf_config=None, architecture="LlavaNextForConditionalGeneration"):

@@ -148,3 +148,33 @@ def test_dialogue_split_is_held_out_and_scored_against_full_tokens_per_turn():
     assert s["first_accuracy"] == 1.0 and s["later_accuracy"] == 0.0 and s["later_of_full"] == 0.0
     assert s["later_turns"] == sum(len(d.turns) - 1 for d in dialogues) > 0
     assert score(dialogues, truth, truth)["later_of_full"] == 1.0
+
+
+def test_qwen_trainer_cell_labels_line_up_with_the_merged_tokens(tmp_path):
+    """The Qwen harness's per-cell targets follow the merger's raster order: a cell the labels
+    call a colour is that colour in the processor's own patches, and the grid is the processor's."""
+    from transformers import AutoProcessor
+
+    from benchmarks.quality import train_qwen as tq
+    from pio_fvlm_vllm.checkpoints_qwen import build
+
+    build(tq.QUALITY_QWEN, tmp_path, seed=0, dtype="float32", weights=False, corpus=tq.tokenizer_corpus(),
+          preprocessor=tq.PREPROCESSOR)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    tq.answer_token_ids(processor.tokenizer)  # every answer one token, as it follows "assistant\n"
+    examples = [make_example(s) for s in range(6)]
+    colour, _, side = tq.cell_targets(processor, examples)
+    inputs = tq.batch_inputs(processor, [tq.prompt(e.question) for e in examples], [e.image for e in examples], "cpu")
+    grid = inputs["image_grid_thw"]
+    assert colour.shape[0] == side.shape[0] == int((grid.prod(-1) // 4).sum())
+    assert (inputs["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum() == colour.shape[0]
+    # Patches come 2 x 2 per merged cell, in the cell's raster order: mean colour per cell.
+    patches = inputs["pixel_values"].view(-1, 4, 3, 2, 14, 14).mean(dim=(1, 3, 4, 5))  # [cells, 3]
+    for i, name in enumerate(COLORS, start=1):
+        covered = colour[:, i] > 0.7
+        if covered.any():
+            want = torch.tensor(COLORS[name], dtype=torch.float)
+            assert torch.equal(patches[covered].mean(0).argmax(), want.argmax())
+    t, h, w = grid[0].tolist()
+    cols = torch.arange(w // 2).repeat(h // 2)
+    assert torch.equal(side[: h * w // 4], (cols + 0.5 >= (w // 2) / 2).long())  # cell centres

@@ -78,3 +78,46 @@ def test_encoder_involved_two_stages(reference, prepared):
     # CLS attention is a distribution over each crop's patches; newline tokens score 0.
     importance = prepared.importance[0]
     assert importance.shape == (end - start,) and (importance >= 0).all()
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from pio_fvlm_vllm.checkpoints import build
+    from pio_fvlm_vllm.reference import HFReference
+
+    path = build("tiny-qwen2.5-vl", tmp_path_factory.mktemp("ckpt") / "tiny-qwen2.5-vl")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    return HFReference(model, AutoProcessor.from_pretrained(path), PioFvlmSettings())
+
+
+QWEN_PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Which square is red?<|im_end|>\n"
+               "<|im_start|>assistant\n")
+
+
+def test_qwen_reference_reads_multimodal_rotary_positions_as_the_model_does(qwen):
+    """Qwen2.5-VL through the reference: positions from the model's own `get_rope_index`, the
+    unpruned forward equal to transformers' own, and the served placement (hand-off after
+    layer K) at least as close to the paper's as original positions alone."""
+    image = synthetic_image(640, 480, seed=3)
+    prepared = qwen.prepare(QWEN_PROMPT, [image], add_special_tokens=False)
+    assert prepared.positions.shape == (3, prepared.input_ids.numel()) and len(prepared.grids) == 1
+    inputs = qwen.processor(text=QWEN_PROMPT, images=[image], return_tensors="pt")
+    with torch.no_grad():
+        expected = qwen.model(**inputs).logits[0, -1]
+    torch.testing.assert_close(qwen.last_logits(prepared, None), expected, rtol=1e-4, atol=1e-4)
+    (kept,) = qwen.select(prepared, 0.111)
+    (start, end), = prepared.image_spans
+    assert kept.numel() == budget(end - start, 0.111)
+    everything = [torch.arange(end - start)]
+    torch.testing.assert_close(qwen.last_logits(prepared, everything, "input_positions"), expected,
+                               rtol=1e-4, atol=1e-4)
+    paper = qwen.last_logits(prepared, [kept], "layer_k").log_softmax(-1)
+    for placement in ("handoff", "input_positions"):
+        assert torch.isfinite(qwen.last_logits(prepared, [kept], placement)).all()
+    kl = {pl: float((paper.exp() * (paper - qwen.last_logits(prepared, [kept], pl).log_softmax(-1))).sum())
+          for pl in ("handoff", "input_positions")}
+    assert kl["handoff"] <= kl["input_positions"], kl
+    with pytest.raises(ValueError, match="Qwen2.5-VL's tower has no CLS token"):
+        qwen.prepare(QWEN_PROMPT, [image], with_importance=True)

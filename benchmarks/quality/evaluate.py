@@ -205,9 +205,12 @@ def settings_env(settings: PioFvlmSettings) -> dict[str, str]:
 
 
 def evaluate_server(checkpoint: Path, scenes: list[int], keeps: list[float], settings: PioFvlmSettings,
-                    reference_answers: dict[float, list[str]] | None, concurrency: int = 8) -> dict:
+                    reference_answers: dict[float, list[str]] | None, concurrency: int = 8,
+                    full_answers: list[str] | None = None) -> dict:
     """Accuracy and agreement through `vllm serve`, and how often the served answer is the HF
-    reference's answer with the same (plugin) placement."""
+    reference's answer with the same (plugin) placement. Agreement is with this server's
+    answers at keep 1.0, or with `full_answers` when keep 1.0 is not asked; each keep's
+    answers come back under "answers"."""
     from concurrent.futures import ThreadPoolExecutor
 
     from openai import OpenAI
@@ -215,7 +218,7 @@ def evaluate_server(checkpoint: Path, scenes: list[int], keeps: list[float], set
     from pio_fvlm_vllm.images import data_url
     from pio_fvlm_vllm.serving import VllmServer
 
-    out = {k: {"correct": 0, "agree": 0, "same_as_reference": 0, "n": 0} for k in keeps}
+    out = {k: {"correct": 0, "agree": 0, "same_as_reference": 0, "n": 0, "answers": []} for k in keeps}
     env = settings_env(settings)
     progress(f"server with {env or 'default settings'}")
     with VllmServer(checkpoint, args=["--dtype", "float32", "--max-model-len", "2048"], env=env) as server, \
@@ -233,9 +236,11 @@ def evaluate_server(checkpoint: Path, scenes: list[int], keeps: list[float], set
         futures = [{keep: pool.submit(answer, ex, keep) for keep in keeps} for ex in examples]
         for i, (ex, per_keep) in enumerate(zip(examples, futures)):
             answers = {keep: f.result() for keep, f in per_keep.items()}
+            full = answers[1.0] if 1.0 in answers else full_answers[i]
             for keep in keeps:
+                out[keep]["answers"].append(answers[keep])
                 out[keep]["correct"] += answers[keep] == ex.answer
-                out[keep]["agree"] += answers[keep] == answers[1.0]
+                out[keep]["agree"] += answers[keep] == full
                 if reference_answers is not None:
                     out[keep]["same_as_reference"] += answers[keep] == reference_answers[keep][i]
                 out[keep]["n"] += 1

@@ -91,8 +91,8 @@ class AnswerSlots(NamedTuple):
     slots: torch.Tensor
 
 
-def answer_slots(tokenizer, input_ids: torch.Tensor, examples) -> AnswerSlots:
-    marker = tokenizer(" ASSISTANT:", add_special_tokens=False).input_ids
+def answer_slots(tokenizer, input_ids: torch.Tensor, examples, marker_text: str = " ASSISTANT:") -> AnswerSlots:
+    marker = tokenizer(marker_text, add_special_tokens=False).input_ids
     width = len(marker)
     windows = input_ids.unfold(1, width, 1)  # [B, L - width + 1, width]
     hit = (windows == torch.tensor(marker, device=input_ids.device)).all(-1)

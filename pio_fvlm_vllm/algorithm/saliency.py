@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from .decoder import (ProxyWeights, decoder_layer, decoder_layer_at, decoder_layer_kv, normed_input_saliency_at, rms_norm,
                       rotary_cos_sin, upcast)
+from .handoff import HandoffInput
 
 LossPositions = Literal["last", "four_before_last"]
 
@@ -118,9 +119,10 @@ class Saliency:
     scores: torch.Tensor  # (B, Nmax) at least float32, -inf past each image's N
     features: torch.Tensor  # (B, Nmax, D) hidden states of the image tokens where scored
     num_tokens: list[int]
-    # Per context (L_b, D): the residual stream after `handoff_layer` decoder layers over the
-    # whole sequence [prefix, image, suffix]; None when no hand-off layer was asked for.
-    handoff_states: list[torch.Tensor] | None = None
+    # Per context: the input of decoder layer `handoff_layer` (1-based) over the whole sequence
+    # [prefix, image, suffix], from which that layer's output at the handed-off rows is computed
+    # once the kept tokens are known; None when no hand-off layer was asked for.
+    handoff_inputs: list[HandoffInput] | None = None
     # Per context: its pass's `ProxyPast` over its whole sequence, when asked for.
     pasts: list[ProxyPast] | None = None
 
@@ -194,8 +196,9 @@ def gradient_saliency(
 
     K is `weights.num_layers`. The first K - backprop_layers layers run without autograd; the
     gradient is taken at the input of the remaining ones. With `handoff_layer` h > 0 (at most
-    K - backprop_layers, so it costs no extra layer) the full-sequence states after layer h
-    are returned too: the served prefill takes them over for the kept rows.
+    K - backprop_layers + 1: its input is a by-product of the layers that run in full) the
+    full-sequence input of layer h is returned too, from which `HandoffInput.output_at` gives
+    layer h's output at the rows the served prefill hands off.
 
     `past` (one context; grad_x_normed): an earlier pass over this context's first rows, so
     the full layers run over the rows after them only. `keep_past`: return each context's
@@ -210,9 +213,9 @@ def gradient_saliency(
         raise ValueError(f"saliency must be 'grad_x_normed', 'grad_x_input' or 'grad_norm', got {reduction!r}")
     if reduction == "grad_x_normed" and backprop_layers != 1:
         raise ValueError(f"saliency grad_x_normed needs backprop_layers 1 (layer-local), got {backprop_layers}")
-    if not 0 <= handoff_layer <= num_layers - backprop_layers:
+    if not 0 <= handoff_layer <= num_layers - backprop_layers + 1:
         raise ValueError(
-            f"handoff_layer must be in [0, {num_layers - backprop_layers}] (K - backprop_layers), "
+            f"handoff_layer must be in [0, {num_layers - backprop_layers + 1}] (K - backprop_layers + 1), "
             f"got {handoff_layer}"
         )
     if (past is not None or keep_past) and reduction != "grad_x_normed":
@@ -229,18 +232,22 @@ def gradient_saliency(
         cos, sin = rotary_cos_sin(_positions(contexts, seq, shape.mrope_section is not None), shape.head_dim,
                                   shape.rope_theta, dtype, shape.mrope_section, shape.mrope_interleaved)
         first_grad_layer = num_layers - backprop_layers
+        handoff_in = x if handoff_layer == 1 else None  # the input of layer h (1-based)
         with torch.no_grad():
             if past is not None or keep_past:
                 x, states, pasts = _full_layers(weights, contexts, x, lengths, cos, sin, first_grad_layer, past)
-                if handoff_layer:
-                    after_h = states[handoff_layer - 1]
-                    handoff = [after_h[b, :n] for b, n in enumerate(lengths)]
+                if handoff_layer > 1:
+                    handoff_in = states[handoff_layer - 2]
             else:
                 for i in range(first_grad_layer):
                     x = _add_deepstack(decoder_layer(x, weights.layers[i], shape, cos, sin, weights.tp_group),
                                        contexts, i)
-                    if i + 1 == handoff_layer:
-                        handoff = [x[b, :n] for b, n in enumerate(lengths)]
+                    if i + 2 == handoff_layer:
+                        handoff_in = x
+        if handoff_layer:
+            positions = _positions(contexts, seq, shape.mrope_section is not None)
+            handoff = [HandoffInput(handoff_in[b, :n].detach(), positions[b, ..., :n], handoff_layer - 1)
+                       for b, n in enumerate(lengths)]
 
         def layer(i: int, x: torch.Tensor) -> torch.Tensor:
             return _add_deepstack(decoder_layer(x, weights.layers[i], shape, cos, sin, weights.tp_group), contexts, i)
@@ -278,7 +285,7 @@ def gradient_saliency(
             scores[b, :n] = upcast(grad[b, start : start + n]).norm(dim=-1)
         features[b, :n] = x_in[b, start : start + n].detach()
     return Saliency(scores=scores, features=features, num_tokens=[c.num_image_tokens for c in contexts],
-                    handoff_states=handoff, pasts=pasts if keep_past else None)
+                    handoff_inputs=handoff, pasts=pasts if keep_past else None)
 
 
 def _full_layers(weights: ProxyWeights, contexts: list[ImageContext], x: torch.Tensor, lengths: list[int],

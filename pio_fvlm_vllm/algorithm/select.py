@@ -10,6 +10,7 @@ import torch
 
 from ..settings import PioFvlmSettings
 from .decoder import ProxyWeights
+from .handoff import HandoffInput
 from .nms import nms_select
 from .saliency import ImageContext, ProxyPast, gradient_saliency
 
@@ -19,9 +20,10 @@ _log = logging.getLogger(__name__)
 @dataclass
 class Selection:
     kept: list[torch.Tensor]  # per context: exactly num_keep[i] indices, ascending
-    # per context (L_i, D): full-sequence states after the hand-off layer, None for a context
-    # that keeps all its tokens or when no hand-off layer was asked for
-    handoff_states: list[torch.Tensor | None]
+    # per context: the input of the hand-off layer (`HandoffInput.output_at` gives its output at
+    # the handed-off rows), None for a context that keeps all its tokens or when no hand-off
+    # layer was asked for
+    handoff_inputs: list[HandoffInput | None]
     # per context: its proxy pass's past (`keep_past`), None where no pass ran
     pasts: list[ProxyPast | None] | None = None
 
@@ -49,7 +51,7 @@ def select(
     pasts: list[ProxyPast | None] | None = None,
     keep_past: bool = False,
 ) -> Selection:
-    """`select_tokens`, plus each pruned context's states after `handoff_layer` layers.
+    """`select_tokens`, plus each pruned context's input of decoder layer `handoff_layer`.
 
     exclude[i]: indices context i may not keep (tokens already served by an earlier selection
     of the same image); its budget is then taken among the others, ranked as usual.
@@ -61,7 +63,7 @@ def select(
     kept_pasts: list[ProxyPast | None] = [None] * len(contexts)
     _check_budgets(contexts, [k + (0 if e is None else int(e.numel())) for k, e in zip(num_keep, exclude)])
     result: list[torch.Tensor | None] = [None] * len(contexts)
-    states: list[torch.Tensor | None] = [None] * len(contexts)
+    states: list[HandoffInput | None] = [None] * len(contexts)
     todo = []
     for i, (ctx, k) in enumerate(zip(contexts, num_keep)):
         n = ctx.num_image_tokens
@@ -98,8 +100,8 @@ def select(
                           inclusive=settings.nms_inclusive)
         for j, (i, idx) in enumerate(zip(ids, kept)):
             result[i] = idx
-            if sal.handoff_states is not None:
-                states[i] = sal.handoff_states[j]
+            if sal.handoff_inputs is not None:
+                states[i] = sal.handoff_inputs[j]
             if sal.pasts is not None:
                 kept_pasts[i] = sal.pasts[j]
     return Selection(result, states, kept_pasts)  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""PIO-FVLM on Hugging Face `LlavaNextForConditionalGeneration`, as the paper applies it.
+"""PIO-FVLM on Hugging Face `LlavaNextForConditionalGeneration` (and LLaVA-1.5) and
+`Qwen2_5_VLForConditionalGeneration`, as the paper applies it.
 
 `HFReference` prunes *inside* the LLM: every token runs through the first K decoder layers,
 the proxy loss at layer K scores the image tokens, NMS selects them, and only the kept tokens
@@ -7,7 +8,9 @@ prunes before layer 0 so the KV allocation shrinks in every layer, keeps every t
 unpruned position, and after layer h hands the first image's kept tokens and the text after it
 the states the unpruned prompt gives them; `placement="handoff"` reproduces that on the same
 model, so the two can be compared token for token (and `input_positions` / `input` the
-placements without the hand-off and with renumbered positions).
+placements without the hand-off and with renumbered positions). Qwen2.5-VL prompts keep
+the multimodal rotary positions its processor and `get_rope_index` give them (kept tokens their
+(t, h, w) cells), as the served model does.
 
 The selection itself is the engine-independent code in `pio_fvlm_vllm.algorithm`; only the
 weight extraction and the forward pass are Hugging Face specific.
@@ -63,6 +66,9 @@ class PreparedPrompt:
     image_spans: list[tuple[int, int]]  # [start, end) of each image's tokens
     importance: list[torch.Tensor] | None  # per image (N,) CLS attention, when computed
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (H, W) per image, when known
+    # Multimodal rotary (Qwen2.5-VL): (3, L) positions and each image's (t, h, w) token grid.
+    positions: torch.Tensor | None = None
+    grids: list[tuple[int, int, int]] | None = None
 
 
 class HFReference:
@@ -74,6 +80,10 @@ class HFReference:
         self.proxy_layers = self.settings.proxy_layer_for(text_config.num_hidden_layers)
         self.proxy = proxy_weights_from_hf(model, self.proxy_layers)
         self.image_token_id = model.config.image_token_id
+        # Qwen-VL models carry their vision tower as `visual` and read three position rows.
+        self.multimodal_rotary = hasattr(model.model, "visual")
+        if self.multimodal_rotary and getattr(model.config.vision_config, "deepstack_visual_indexes", None):
+            raise ValueError("the reference covers Qwen2.5-VL; Qwen3-VL's deepstack features are not modelled")
 
     # -- inputs -------------------------------------------------------------------------
     @torch.no_grad()
@@ -82,6 +92,11 @@ class HFReference:
         """`add_special_tokens=False` for prompts rendered by a chat template, as vLLM does."""
         inputs = self.processor(text=prompt, images=images, return_tensors="pt",
                                 add_special_tokens=add_special_tokens)
+        if self.multimodal_rotary:
+            if with_importance:
+                raise ValueError("CLS-attention importance (the encoder-involved stage) is LLaVA's: Qwen2.5-VL's "
+                                 "tower has no CLS token")
+            return self._prepare_multimodal_rotary(inputs)
         device = self.model.device
         ids = inputs["input_ids"][0].to(device)
         out = self.model.model.get_image_features(
@@ -100,6 +115,26 @@ class HFReference:
         importance = self._importance(out, inputs["image_sizes"]) if with_importance else None
         sizes = [(int(h), int(w)) for h, w in inputs["image_sizes"]]
         return PreparedPrompt(ids, embeds, spans, importance, sizes)
+
+    def _prepare_multimodal_rotary(self, inputs) -> PreparedPrompt:
+        device = self.model.device
+        ids = inputs["input_ids"][0].to(device)
+        grid_thw = inputs["image_grid_thw"]
+        out = self.model.model.get_image_features(inputs["pixel_values"].to(device, self.model.dtype),
+                                                  grid_thw.to(device))
+        embeds = self.model.get_input_embeddings()(ids).clone()
+        spans, start = [], 0
+        pos = (ids == self.image_token_id).nonzero().squeeze(-1)
+        for feats in out.pooler_output:
+            rows = pos[start : start + feats.shape[0]]
+            spans.append((int(rows[0]), int(rows[-1]) + 1))
+            embeds[rows] = feats.to(embeds.dtype)
+            start += feats.shape[0]
+        positions, _ = self.model.model.get_rope_index(inputs["input_ids"], inputs.get("mm_token_type_ids"), grid_thw,
+                                                       attention_mask=inputs["attention_mask"])
+        merge = self.model.config.vision_config.spatial_merge_size
+        grids = [(t, h // merge, w // merge) for t, h, w in grid_thw.tolist()]
+        return PreparedPrompt(ids, embeds, spans, None, positions=positions[:, 0].to(device), grids=grids)
 
     def _importance(self, vision_out, image_sizes) -> list[torch.Tensor]:
         """CLS attention of the feature layer, packed into the LLM's token layout (newline
@@ -138,7 +173,8 @@ class HFReference:
             before[start:] = False
             after = text.clone()
             after[:end] = False
-            contexts.append(ImageContext(embeds[start:end], embeds[before], embeds[after]))
+            grid = prepared.grids[len(contexts)] if prepared.grids is not None else None
+            contexts.append(ImageContext(embeds[start:end], embeds[before], embeds[after], grid=grid))
         if budgets is None:
             budgets = [budget(end - start, visual_keep) for start, end in prepared.image_spans]
         return select_tokens(self.proxy, contexts, budgets, self.settings)
@@ -155,7 +191,9 @@ class HFReference:
         text after the image takes part (the plugin: yes) or only the kept image tokens."""
         lm = self.model.model.language_model
         x = prepared.embeds[None]
-        positions = torch.arange(x.shape[1], device=x.device)[None]
+        # (1, L), or (3, 1, L) multimodal rotary rows
+        positions = (torch.arange(x.shape[1], device=x.device)[None] if prepared.positions is None
+                     else prepared.positions[:, None])
         keep_mask = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
         if kept is not None:
             for (start, end), idx in zip(prepared.image_spans, kept):
@@ -171,7 +209,8 @@ class HFReference:
 
         def run(layer, x, positions):
             rope = lm.rotary_emb(x, positions)
-            x = layer(x, attention_mask=None, position_ids=positions, position_embeddings=rope)
+            x = layer(x, attention_mask=None, position_ids=positions if positions.ndim == 2 else None,
+                      position_embeddings=rope)
             return x[0] if isinstance(x, tuple) else x
 
         if handoff is not None:
@@ -180,9 +219,9 @@ class HFReference:
                 full = run(layer, full, full_positions)
         for i, layer in enumerate(lm.layers):
             if i == prune_at and kept is not None:
-                x, positions = x[:, keep_mask], positions[:, keep_mask]
+                x, positions = x[:, keep_mask], positions[..., keep_mask]
                 if placement == "input":  # a shorter prompt, numbered from 0
-                    positions = torch.arange(x.shape[1], device=x.device)[None]
+                    positions = torch.arange(x.shape[1], device=x.device).expand(*positions.shape[:-1], -1)
             if handoff is not None and i == layer_h:
                 served_rows, original_rows = handoff
                 x = x.clone()

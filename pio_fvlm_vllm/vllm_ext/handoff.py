@@ -1,19 +1,24 @@
-"""Hands the proxy's full-sequence states to the served prefill after decoder layer h.
+"""Hands the proxy's states to the served prefill after decoder layer h, for every family.
 
 A pruned image's placeholder range covers its k kept tokens and the text after it, and its
-embedding rows carry, beside the input embedding, the state each of those rows has after
-layer h in the unpruned prompt (computed by the proxy). vLLM's pruning hook strips that state
-and stashes it here, marking the rows in the second M-RoPE position channel (which plain RoPE
-never reads) with `-(slot + 1)`; the model's forward turns the marks into a row mask and a row
-table, and a forward hook on layer h replaces the marked rows' residual stream.
+embedding rows carry, after the input embedding, the state each of those rows has after
+layer h in the unpruned prompt (computed by the proxy). The rows reach the model's
+`embed_input_ids` in the order of the step's multimodal mask, so the mask gives each row's
+index in the step's flattened batch: the model loads the states there and cuts them off
+before the embeddings are merged, and a forward hook on layer h replaces those rows' residual
+stream. No position row is involved, so families whose language model reads all three
+M-RoPE rows (Qwen2.5-VL, Qwen3-VL) hand off as LLaVA does.
 
 The states are part of the encoder output, so vLLM's encoder cache keeps them exactly as long
 as the kept tokens themselves: chunked prefill, prefix-cache hits and preemption re-gather
-both together. The mask and the table are persistent buffers (static addresses for CUDA
-graphs) and are cleared after every forward, so a replayed decode graph never sees stale marks.
+both together, and a chunk carries the states of exactly the rows it computes. The mask and
+the table are persistent buffers (static addresses for CUDA graphs) and are cleared after
+every forward, so a replayed decode graph never sees stale rows.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -24,35 +29,36 @@ class HandoffBuffers(nn.Module):
         super().__init__()
         self.register_buffer("mask", torch.zeros(max_tokens, dtype=torch.bool), persistent=False)
         self.register_buffer("states", torch.zeros(max_tokens, hidden_size, dtype=dtype), persistent=False)
-        self._pending: list[torch.Tensor] = []
-        self._num_pending = 0
-        self._loaded = 0
+        self._loaded = 0  # rows of `mask` that may be set
 
-    def stash(self, states: torch.Tensor) -> torch.Tensor:
-        """Keeps (R, D) states for this step's forward; returns the marks for their rows."""
-        first = self._num_pending
-        self._pending.append(states)
-        self._num_pending += states.shape[0]
-        return -(torch.arange(first, self._num_pending, device=states.device) + 1)
-
-    def load(self, marks: torch.Tensor) -> None:
-        """marks: (T,) the second position channel of this step's tokens."""
-        if not self._pending:
-            return
-        num_tokens = marks.shape[0]
-        if num_tokens > self.mask.shape[0]:
-            raise RuntimeError(f"{num_tokens} tokens in one step, hand-off buffers hold {self.mask.shape[0]}")
-        table = torch.cat(self._pending).to(self.states.device, self.states.dtype)
-        marked = marks < 0
-        slots = (-marks - 1).clamp(0, table.shape[0] - 1)
-        self.mask[:num_tokens] = marked
-        self.states[:num_tokens] = table[slots]
-        self._loaded = num_tokens
+    def load(self, embeddings: Sequence[torch.Tensor], is_multimodal: torch.Tensor, width: int
+             ) -> Sequence[torch.Tensor]:
+        """embeddings: this step's multimodal rows, item by item, in the order `is_multimodal`
+        (T,) marks them; an item wider than `width` ends in its rows' hand-off states. Loads
+        those at the rows' flattened indices and returns the embeddings cut to `width`."""
+        if not any(e.shape[-1] > width for e in embeddings):
+            return embeddings
+        rows = is_multimodal.nonzero().flatten().to(self.mask.device)
+        if rows.numel() and int(rows[-1]) >= self.mask.shape[0]:
+            raise RuntimeError(f"{int(rows[-1]) + 1} tokens in one step, hand-off buffers hold {self.mask.shape[0]}")
+        stripped, first = [], 0
+        for e in embeddings:
+            num = e.shape[0]
+            if e.shape[-1] > width:
+                at = rows[first:first + num]
+                self.mask[at] = True
+                self.states[at] = e[:, width:].to(self.states.device, self.states.dtype)
+                if num:  # rows ascend
+                    self._loaded = max(self._loaded, int(at[-1]) + 1)
+                e = e[:, :width]
+            stripped.append(e)
+            first += num
+        return stripped
 
     def clear(self) -> None:
         if self._loaded:
             self.mask[: self._loaded] = False
-        self._pending, self._num_pending, self._loaded = [], 0, 0
+        self._loaded = 0
 
     def after_layer(self, module: nn.Module, args, output):
         """Forward hook on layer h: (hidden, residual) with marked rows' stream replaced."""

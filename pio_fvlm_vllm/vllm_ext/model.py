@@ -7,8 +7,9 @@ image whose request asked for fewer, the selection pass (proxy forward through t
 decoder layers, layer-local gradient saliency, NMS) keeps exactly the number of placeholders
 the processor emitted, in their original order. Every decoder layer then prefills and caches
 only those tokens, at the positions they have in the unpruned prompt (vLLM's M-RoPE pruning
-hook, see `engine_config.py`), and after layer h the first image's kept tokens and the text
-after it continue from the states the unpruned prompt gives them there (`handoff.py`).
+hook, see `engine_config.py`), and after decoder layer h (K by default, the paper's pruning
+point) the first image's kept tokens and the text after it continue from the states the
+unpruned prompt gives them there (`handoff.py`).
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ import time
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
+from vllm.multimodal.utils import copy_mm_embedding_modality
 
-from ..algorithm import (ImageContext, ProxyWeights, Selection, seeded_random, select, select_on_every_rank,
-                         uniform_stride_among)
+from ..algorithm import (HandoffInput, ImageContext, ProxyWeights, Selection, seeded_random, select,
+                         select_on_every_rank, uniform_stride_among)
 from ..settings import PioFvlmSettings
 from .context import CONTEXT_FIELD, PromptContext
 from .engine_config import missing_engine_config
-from .families import FAMILIES, model_prunes, pruned_architecture
+from .families import model_prunes
 from .handoff import HandoffBuffers
 from .kept_indices import KEPT_STORE
 from .positions_hook import PositionsHook
@@ -76,9 +79,6 @@ class PioFvlmModel:
         self.pio_vision = VisionCache(self.pio_settings.vision_cache_mb << 20)
         self.pio_proxy_cache = ProxyCache(self.pio_settings.proxy_cache_mb << 20)
         attach_proxy_snapshot(self, self.snapshot_proxy_weights)
-        model_config = vllm_config.model_config
-        if not FAMILIES[pruned_architecture(model_config.architectures, model_config.hf_config)].handoff:
-            self.pio_handoff_layer = 0
         if self.pio_handoff_layer:
             scheduler = vllm_config.scheduler_config
             self.pio_handoff = HandoffBuffers(
@@ -93,7 +93,11 @@ class PioFvlmModel:
 
     def _positions_hook(self, text_config):
         """The family's positions scheme (default: plain rotary behind emulated M-RoPE rows)."""
-        return PositionsHook(text_config.hidden_size, self.pio_handoff)
+        return PositionsHook(text_config.hidden_size)
+
+    def _embedding_width(self, text_config) -> int:
+        """Columns of one image token's embedding as the language model merges it."""
+        return text_config.hidden_size
 
     def _extend_rotary_table(self, num_positions: int) -> None:
         """Decode positions run Σ(N - k) ahead of the served length, past max_model_len: give
@@ -122,6 +126,18 @@ class PioFvlmModel:
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings: Sequence[torch.Tensor],
                                   mrope_positions: torch.Tensor, num_computed_tokens: int):
         return self.pio_positions.recompute(multimodal_embeddings, mrope_positions)
+
+    def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings=None, *,
+                        is_multimodal: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        # Hand-off rows end in their layer-h states (see handoff.py): load them at the rows'
+        # indices in this step's batch, which the multimodal mask gives, then merge as stock.
+        if self.pio_handoff is not None and multimodal_embeddings is not None and is_multimodal is not None:
+            stripped = self.pio_handoff.load(multimodal_embeddings, is_multimodal,
+                                             self._embedding_width(self.config.text_config))
+            if stripped is not multimodal_embeddings:
+                multimodal_embeddings = [copy_mm_embedding_modality(src, dst)
+                                         for src, dst in zip(multimodal_embeddings, stripped)]
+        return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
 
     def forward(self, input_ids, positions: torch.Tensor, intermediate_tensors=None, inputs_embeds=None,
                 **kwargs):
@@ -236,10 +252,23 @@ class PioFvlmModel:
             if ctx.handoff_rows > 0:
                 first = ctx.handoff_text_start
                 text = self._embed_text(ctx.suffix_ids[first: first + ctx.handoff_rows], embeds.device)
-                embeds = torch.cat([embeds, text.to(embeds.dtype)])
-            embeddings[i] = self.pio_positions.rows(embeds, kept, ctx, selection.handoff_states[j], grids[i])
+                # Text rows in an image's placeholder: nothing where an image row has more
+                # columns than the text embedding (Qwen3-VL's deepstack levels).
+                embeds = torch.cat([embeds, F.pad(text.to(embeds.dtype), (0, embeds.shape[-1] - text.shape[-1]))])
+            states = self._handoff_states(ctx, kept, selection.handoff_inputs[j])
+            embeddings[i] = self.pio_positions.rows(embeds, kept, ctx, states, grids[i])
         SELECTION_STATS.record(self.pio_model_name, seen, [contexts[i].num_keep for i in todo],
                                time.perf_counter() - start, failed)
+
+    def _handoff_states(self, ctx: PromptContext, kept: torch.Tensor, handoff: HandoffInput | None
+                        ) -> torch.Tensor | None:
+        """(k + R, D) the hand-off layer's output at the item's served rows (its kept image tokens,
+        then its R text rows) in the unpruned prompt, or None without a hand-off."""
+        if not ctx.handoff or handoff is None:
+            return None
+        start = len(ctx.prefix_ids)
+        text = start + ctx.num_tokens + ctx.handoff_text_start + torch.arange(max(ctx.handoff_rows, 0))
+        return handoff.output_at(self.pio_proxy, torch.cat([start + kept.cpu(), text]))
 
     def _proxy_past(self, ctx: PromptContext, image: torch.Tensor):
         """The proxy past a delta's pass continues: the previous item of its image, whose
@@ -300,7 +329,7 @@ class PioFvlmModel:
             try:
                 one = self._run_selection([ctx], [k], [c], [e], [past])
                 kept += one.kept
-                states += one.handoff_states
+                states += one.handoff_inputs
             except Exception:
                 logger.exception("PIO-FVLM selection failed for one image; using uniform-stride selection")
                 kept.append(uniform_stride_among(ctx.num_image_tokens, k, e, device))

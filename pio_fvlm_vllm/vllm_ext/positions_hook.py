@@ -5,14 +5,15 @@ The engine asks the model for a request's positions when the request arrives
 final then. After the multimodal embedding step, in the same engine step and before the
 forward pass, the engine hands each request's embedding rows to `recompute_mrope_positions`:
 each row of a pruned image carries its served index and original position in trailing digit
-columns (and, for hand-off rows, its layer-h state), so the hook needs no chunk arithmetic and
-gives the same answer under chunked prefill, prefix-cache hits, preemption and re-gathers.
+columns, so the hook needs no chunk arithmetic and gives the same answer under chunked
+prefill, prefix-cache hits, preemption and re-gathers. The hook strips those columns only:
+hand-off rows keep their layer-h state after the embedding for `embed_input_ids` (see
+`handoff.py`).
 
-The language model reads row 0 of the three position rows. Row 1 carries hand-off marks (see
-`handoff.py`); row 2 keeps the values given on arrival, its last column the unpruned prompt's
-last position, from which the decode delta Σ(N - k) is read at every call, even when the prompt
-ends in image rows. Decode positions are `served index + delta` on both the V1 runner and
-Model Runner V2.
+The language model reads row 0 of the three position rows; row 2 keeps the values given on
+arrival, its last column the unpruned prompt's last position, from which the decode delta
+Σ(N - k) is read at every call, even when the prompt ends in image rows. Decode positions are
+`served index + delta` on both the V1 runner and Model Runner V2.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import torch
 
 from ..positions import NUM_DIGITS, POSITION_COLUMNS, ImageSpan, decode_digits, encode_digits, original_positions
 from .context import CONTEXT_FIELD, PromptContext
-from .handoff import HandoffBuffers
 
 NUM_POSITION_ROWS = 3
 
@@ -56,9 +56,9 @@ def served_rows(embeds: torch.Tensor, kept: torch.Tensor, ctx: PromptContext, st
     """The rows of a pruned image's placeholder: [input embedding | hand-off state | digits].
 
     embeds: (k + R, D) the kept tokens' embeddings, then the R = handoff_rows text rows after
-    the image. states: (L, D) the proxy's states over [prefix, N image tokens, suffix], or None
-    (no hand-off, or a selection that fell back). The digit columns hold each row's served
-    index and original position.
+    the image. states: (k + R, D) those rows' hand-off states, or None (no hand-off, or a
+    selection that fell back). The digit columns hold each row's served index and original
+    position.
     """
     rows = max(ctx.handoff_rows, 0)
     device = embeds.device
@@ -67,28 +67,26 @@ def served_rows(embeds: torch.Tensor, kept: torch.Tensor, ctx: PromptContext, st
     served = ctx.served_offset + torch.arange(kept.numel() + rows, device=device)
     original = torch.cat([ctx.original_offset + kept, ctx.first_text_position + text])
     columns = [embeds]
-    if ctx.handoff and states is not None:
-        start = len(ctx.prefix_ids)
-        text_rows = start + ctx.num_tokens + ctx.handoff_text_start + text
-        columns.append(states[torch.cat([start + kept, text_rows])].to(embeds.dtype))
+    if states is not None:
+        columns.append(states.to(device, embeds.dtype))
     columns += [encode_digits(served, embeds.dtype), encode_digits(original, embeds.dtype)]
     return torch.cat(columns, dim=-1)
 
 
-def apply_position_columns(embeddings: Sequence[torch.Tensor], positions: torch.Tensor, width: int, write
-                           ) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
-    """Rows wider than `width` belong to a pruned image and carry trailing position columns:
-    `write(columns, positions)` applies each such image's to a copy of the positions, and its
-    rows are cut back to the embedding. V1 calls the hook for every request on every step, so
-    without pruned rows this returns at once."""
+def apply_position_columns(embeddings: Sequence[torch.Tensor], positions: torch.Tensor, width: int,
+                           num_columns: int, write) -> tuple[Sequence[torch.Tensor], torch.Tensor]:
+    """Rows wider than `width` belong to a pruned image and end in `num_columns` position
+    columns: `write(columns, positions)` applies each such image's to a copy of the positions,
+    and the columns are cut off (what stays may be wider than `width`: a hand-off state). V1
+    calls the hook for every request on every step, so without pruned rows this returns at once."""
     if not any(rows.shape[-1] > width for rows in embeddings):
         return embeddings, positions
     positions = positions.clone()
     stripped = []
     for rows in embeddings:
         if rows.shape[-1] > width:
-            write(rows[:, width:], positions)
-            rows = rows[:, :width]
+            write(rows[:, -num_columns:], positions)
+            rows = rows[:, :-num_columns]
         stripped.append(rows)
     return stripped, positions
 
@@ -101,9 +99,8 @@ class PositionsHook:
     # Decode positions run Σ(N - k) past the served length: the rotary table needs the rows.
     decode_runs_ahead = True
 
-    def __init__(self, hidden_size: int, handoff: HandoffBuffers | None) -> None:
+    def __init__(self, hidden_size: int) -> None:
         self.hidden_size = hidden_size
-        self.handoff = handoff
 
     @staticmethod
     def initial(input_tokens: list[int], mm_features: Sequence) -> tuple[torch.Tensor, int]:
@@ -114,28 +111,22 @@ class PositionsHook:
              grid: tuple[int, int, int] | None = None) -> torch.Tensor:
         return served_rows(embeds, kept, ctx, states)
 
-    def language_model_positions(self, positions: torch.Tensor) -> torch.Tensor:
-        """The forward's positions for the language model: row 0 of the three (row 1 carries
-        hand-off marks, loaded here)."""
-        if positions.ndim != 2:
-            return positions
-        if self.handoff is not None:
-            self.handoff.load(positions[1])
-        return positions[0]
+    @staticmethod
+    def language_model_positions(positions: torch.Tensor) -> torch.Tensor:
+        """The forward's positions for the language model: row 0 of the three."""
+        return positions[0] if positions.ndim == 2 else positions
 
     def recompute(self, embeddings: Sequence[torch.Tensor], positions: torch.Tensor
                   ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
-        stripped, positions = apply_position_columns(embeddings, positions, self.hidden_size, self._write)
+        stripped, positions = apply_position_columns(embeddings, positions, self.hidden_size, POSITION_COLUMNS,
+                                                     self._write)
         return stripped, positions, self.delta(positions)
 
-    def _write(self, columns: torch.Tensor, positions: torch.Tensor) -> None:
-        """columns: [hand-off state |] served index and original position digits."""
-        digits = columns[:, -POSITION_COLUMNS:]
-        served = decode_digits(digits[:, :NUM_DIGITS]).to(positions.device)
-        positions[:2, served] = decode_digits(digits[:, NUM_DIGITS:]).to(positions.device, positions.dtype)
-        if columns.shape[-1] == self.hidden_size + POSITION_COLUMNS and self.handoff is not None:
-            marks = self.handoff.stash(columns[:, : self.hidden_size])
-            positions[1, served] = marks.to(positions.device, positions.dtype)
+    @staticmethod
+    def _write(columns: torch.Tensor, positions: torch.Tensor) -> None:
+        """columns: served index and original position digits."""
+        served = decode_digits(columns[:, :NUM_DIGITS]).to(positions.device)
+        positions[:2, served] = decode_digits(columns[:, NUM_DIGITS:]).to(positions.device, positions.dtype)
 
     @staticmethod
     def delta(positions: torch.Tensor) -> int:

@@ -173,7 +173,7 @@ class PioFvlmProcessor:
             bases.append(first[item.image])
         return bases
 
-    def _text_positions(self, items: list[_Item]) -> list[int]:
+    def _text_positions(self, mm_items, items: list[_Item]) -> list[int]:
         """Position, in the unpruned prompt, of the text right after each item's kept rows."""
         positions, shift = [], 0
         for item in items:
@@ -219,7 +219,7 @@ class PioFvlmProcessor:
                            items[n + 1].offset if n + 1 < len(items) else served_len)
             item.rows = handoff_rows(text_end - (item.offset + item.num_keep), item.num_tokens, item.num_keep)
         bases = self._image_bases(inputs.mm_data_items, items)
-        text_positions = self._text_positions(items)
+        text_positions = self._text_positions(inputs.mm_data_items, items)
         around = image_contexts(prompt, image_id)
         vision = [image_key(h) for h in dict(inputs.hf_processor_mm_kwargs[_VISION_KWARG]).get("image", ())]
         keys: dict[int, list[int]] = {}
@@ -233,7 +233,7 @@ class PioFvlmProcessor:
                 item.num_keep, item.num_tokens, item.offset, base, item.rows, prefix, suffix, image_key=key,
                 handoff_text_start=(text.count(item.delta.insert) - len(prefix)
                                     if item.delta is not None else 0),
-                text_position=text_position if item.delta is not None else -1,
+                text_position=text_position,
                 served_before=before, vision_key=vision[item.image],
             )
             IMAGE_TOTALS.put(item.mm_hash, item.num_keep, 0 if item.delta is not None else item.num_tokens)

@@ -141,3 +141,52 @@ def family_fixtures(args: list[str]):
         return str(checkpoint)
 
     return stock_server, client, model
+
+
+def handoff_parity(engine, prompt, keep, kept_of):
+    """Runs `prompt` through an in-process engine with all tokens and at `keep`, recording the
+    output of the hand-off layer h in every prefill step, before and after the plugin's hook.
+
+    Returns (marked: served rows whose stream the hook replaced, pruned: (served, D) the
+    streams after the hook, full: the unpruned prompt's streams at each served row's original
+    index, raw: the layer's own outputs (hidden, residual) before the hook, after: the same
+    after it). `kept_of(model)` gives the selection's kept indices (recorded by the caller)."""
+    import torch
+    from vllm import SamplingParams
+
+    model = engine.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    layer = model.language_model.model.layers[model.pio_handoff_layer - 1]
+    raw, after, marked = [], [], []
+
+    def before_plugin(module, args, output):
+        raw.append(tuple(t.clone() for t in output))
+        marked.append(model.pio_handoff.mask[: output[0].shape[0]].clone())
+
+    handles = [layer.register_forward_hook(before_plugin, prepend=True),
+               layer.register_forward_hook(lambda m, a, out: after.append(tuple(t.clone() for t in out)))]
+    runs = {}
+    try:
+        for k in (1.0, keep):
+            raw.clear(), after.clear(), marked.clear()
+            engine.reset_prefix_cache()
+            params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={"visual_keep": k})
+            out = engine.generate([prompt], params, use_tqdm=False)[0]
+            runs[k] = (out, [r for r in raw], [a for a in after], torch.cat(marked))
+    finally:
+        for h in handles:
+            h.remove()
+    full_out, _, full_after, _ = runs[1.0]
+    pruned_out, pruned_raw, pruned_after, pruned_marked = runs[keep]
+    full = torch.cat([h + r for h, r in full_after])
+    kept = kept_of(model).cpu()
+    start = full_out.prompt_token_ids.index(model.config.image_token_index
+                                            if hasattr(model.config, "image_token_index") else
+                                            model.config.image_token_id)
+    n = len(full_out.prompt_token_ids) - len(pruned_out.prompt_token_ids) + kept.numel()
+    served = len(pruned_out.prompt_token_ids)
+    original = torch.cat([torch.arange(start), start + kept, torch.arange(start + kept.numel(), served) + n
+                          - kept.numel()])
+    pruned = torch.cat([h + r for h, r in pruned_after])
+    raw_rows = tuple(torch.cat(t) for t in zip(*pruned_raw))
+    after_rows = tuple(torch.cat(t) for t in zip(*pruned_after))
+    return pruned_marked, pruned, full[original], raw_rows, after_rows, start

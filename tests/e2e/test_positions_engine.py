@@ -168,3 +168,35 @@ def test_later_turns_and_new_questions_about_a_seen_image_run_no_vision_tower(en
         assert calls  # another image: the tower runs
     finally:
         handle.remove()
+
+
+def test_handed_off_rows_take_the_unpruned_prompts_states_after_layer_k(engine):
+    """After layer h (= K, the paper's pruning point) the kept image rows and the text after
+    the image carry the unpruned prompt's states there, in every prefill chunk; every other
+    row leaves the layer bit-identical to the layer's own output."""
+    from .helpers import handoff_parity
+
+    model = _model(engine)
+    assert model.pio_handoff_layer == model.pio_proxy_layers
+    kept = []
+    select = model._kept_indices
+
+    def record(*args):
+        selection, failed = select(*args)
+        kept.extend(k.clone() for k in selection.kept)
+        return selection, failed
+
+    model._kept_indices = record
+    prompt = {"prompt": f"USER: <image>\n{QUESTION_B} ASSISTANT:",
+              "multi_modal_data": {"image": synthetic_image(640, 480, seed=77)}}
+    try:
+        marked, pruned, full, raw, after, start = handoff_parity(engine, prompt, 0.111, lambda m: kept[-1])
+    finally:
+        del model._kept_indices
+    assert marked.nonzero().flatten().tolist() == list(range(start, pruned.shape[0]))
+    torch.testing.assert_close(pruned[marked], full[marked], rtol=1e-4, atol=1e-4)
+    # Without the hook these rows would differ: the pruned prompt's own layers never saw the
+    # dropped tokens.
+    assert not torch.allclose((raw[0] + raw[1])[marked], full[marked], atol=1e-3)
+    for before, now in zip(raw, after):
+        assert torch.equal(before[~marked], now[~marked])

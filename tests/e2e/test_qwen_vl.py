@@ -74,6 +74,39 @@ def test_question_b_after_a_equals_b_alone(client, model, server):
     assert_b_after_a_equals_b_alone(client, server, model, 30, 0.2, 0.6)
 
 
+@pytest.mark.parametrize("keep", [0.3, 0.111])
+def test_server_matches_hf_reference_with_served_placement(client, model, checkpoint, keep):
+    """The Hugging Face reference's Qwen2.5-VL path (multimodal rotary from the model's own
+    `get_rope_index`, the hand-off after layer K on the unpruned forward) is the oracle: the
+    served first token and its log-probability are the reference's."""
+    import math
+
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from pio_fvlm_vllm.reference import HFReference
+
+    if checkpoint.name != "tiny-qwen2.5-vl":
+        pytest.skip("the reference models Qwen2.5-VL; Qwen3-VL's deepstack is covered by the engine tests")
+    question = "Which square is red?"
+    image = synthetic_image(640, 480, seed=52)
+    reply = chat(client, model, image_message(question, image), keep, logprobs=True, max_tokens=1,
+                 extra={"cache_salt": f"parity-{keep}", "return_tokens_as_token_ids": True})
+    first = reply.choices[0].logprobs.content[0]
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    ref = HFReference(hf, processor)
+    hf_messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prepared = ref.prepare(processor.apply_chat_template(hf_messages, add_generation_prompt=True), [image],
+                           add_special_tokens=False)
+    kept = ref.select(prepared, keep)
+    assert prepared.input_ids.numel() - sum(e - s for s, e in prepared.image_spans) + kept[0].numel() == \
+        reply.usage.prompt_tokens
+    logprobs = torch.log_softmax(ref.last_logits(prepared, kept, "handoff").double(), -1)
+    token = int(logprobs.argmax())
+    assert first.token == f"token_id:{token}", (first.token, token)
+    assert math.isclose(float(logprobs[token]), first.logprob, abs_tol=2e-3)
+
+
 @pytest.mark.parametrize("bad", ["0", "1.5", '"0.5"', "true"])
 def test_invalid_visual_keep_is_a_400_and_the_server_keeps_serving(server, model, client, bad):
     body = json.dumps({"model": model, "messages": messages(seed=50), "max_tokens": 2})
@@ -203,8 +236,11 @@ def test_kept_image_rows_carry_their_own_deepstack_features(engine):
     finally:
         del model._compute_deepstack_embeds, model._kept_indices
     full, pruned = runs[1.0], runs[0.25]
-    assert full.shape[0] == model.deepstack_num_level and pruned.shape[1] == budget(full.shape[1], 0.25)
-    assert torch.equal(pruned, full[:, kept[-1].to(full.device)])
+    k = budget(full.shape[1], 0.25)
+    assert full.shape[0] == model.deepstack_num_level and kept[-1].numel() == k
+    assert torch.equal(pruned[:, :k], full[:, kept[-1].to(full.device)])
+    # The text rows after the image share its placeholder (the hand-off): they get none.
+    assert pruned.shape[1] > k and not pruned[:, k:].any()
 
 
 def _video_data_url(tmp_path) -> str:
@@ -260,3 +296,26 @@ def test_a_later_turn_reuses_the_first_and_equals_its_cold_recompute(client, ser
     warm = token_logprobs(warm.parse())
     assert [t for t, _ in cold] == [t for t, _ in warm]
     assert max(abs(a - b) for (_, a), (_, b) in zip(cold, warm)) <= 1e-3
+
+
+def test_handed_off_rows_take_the_unpruned_prompts_states_after_layer_k(engine):
+    """The hand-off reaches models that read all three M-RoPE rows: after layer h (= K) the
+    kept image rows and the text after the image carry the unpruned prompt's states (Qwen3-VL:
+    before the layer's deepstack level, which the model adds to image rows after it); every
+    other row leaves the layer bit-identical."""
+    from .helpers import handoff_parity
+
+    model = engine.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    assert model.pio_handoff_layer == model.pio_proxy_layers
+    kept = []
+    _recording_selection(model, kept)
+    prompt = {"prompt": PROMPT, "multi_modal_data": {"image": synthetic_image(640, 480, seed=73)}}
+    try:
+        marked, pruned, full, raw, after, start = handoff_parity(engine, prompt, 0.111, lambda m: kept[-1])
+    finally:
+        del model._kept_indices
+    assert marked.nonzero().flatten().tolist() == list(range(start, pruned.shape[0]))
+    torch.testing.assert_close(pruned[marked], full[marked], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose((raw[0] + raw[1])[marked], full[marked], atol=1e-3)
+    for before, now in zip(raw, after):
+        assert torch.equal(before[~marked], now[~marked])

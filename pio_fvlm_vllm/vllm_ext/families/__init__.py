@@ -18,9 +18,6 @@ class Family:
     model_class: str  # "module:Class"
     # Vision config classes of checkpoints of this architecture that are left to stock vLLM.
     stock_vision_configs: tuple[str, ...] = ()
-    # Whether the family's positions leave a row free for the hand-off marks (`handoff.py`):
-    # not when the language model reads all three M-RoPE rows.
-    handoff: bool = True
 
     def prunes(self, hf_config) -> bool:
         return type(getattr(hf_config, "vision_config", None)).__name__ not in self.stock_vision_configs
@@ -33,9 +30,9 @@ FAMILIES: dict[str, Family] = {
         "pio_fvlm_vllm.vllm_ext.families.llava:PioFvlmLlavaForConditionalGeneration",
         stock_vision_configs=("PixtralVisionConfig",)),
     "Qwen2_5_VLForConditionalGeneration": Family(
-        "pio_fvlm_vllm.vllm_ext.families.qwen2_5_vl:PioFvlmQwen2_5_VLForConditionalGeneration", handoff=False),
+        "pio_fvlm_vllm.vllm_ext.families.qwen2_5_vl:PioFvlmQwen2_5_VLForConditionalGeneration"),
     "Qwen3VLForConditionalGeneration": Family(
-        "pio_fvlm_vllm.vllm_ext.families.qwen3_vl:PioFvlmQwen3VLForConditionalGeneration", handoff=False),
+        "pio_fvlm_vllm.vllm_ext.families.qwen3_vl:PioFvlmQwen3VLForConditionalGeneration"),
 }
 
 

@@ -3,8 +3,8 @@
 The language model reads all three position rows (temporal, height, width), so kept image
 tokens keep their (t, h, w) cell of the unpruned image and the text after an image keeps the
 position the unpruned prompt gives it (`positions.mrope_layout`); the proxy runs the same
-multimodal rotary. The hand-off is off for these families (its marks travel in a position row,
-which these models read). vLLM's video pruning (EVS) shares the engine switch that turns the
+multimodal rotary; the hand-off text rows after a pruned image sit where the unpruned prompt
+puts that text. vLLM's video pruning (EVS) shares the engine switch that turns the
 positions hook on: the plugin keeps videos whole, and `visual_keep` below 1 with a video in
 the request is refused.
 """
@@ -39,29 +39,39 @@ class MultimodalRotaryHook:
         self.merge_size = merge_size
 
     def initial(self, input_tokens: list[int], mm_features: Sequence) -> tuple[torch.Tensor, int]:
-        spans = [GridSpan(f.mm_position.offset, f.mm_position.length,
-                          merged_grid(f.data["image_grid_thw"].data, self.merge_size),
-                          delta=(ctx := feature_context(f)) is not None and ctx.is_delta) for f in mm_features]
+        spans = []
+        for f in mm_features:
+            ctx = feature_context(f)
+            # A placeholder's hand-off rows are text: the layout numbers them as text.
+            text_rows = max(ctx.handoff_rows, 0) if ctx is not None else 0
+            spans.append(GridSpan(f.mm_position.offset, f.mm_position.length - text_rows,
+                                  merged_grid(f.data["image_grid_thw"].data, self.merge_size),
+                                  delta=ctx is not None and ctx.is_delta))
         positions, _, delta = mrope_layout(len(input_tokens), spans)
         return positions, delta
 
     @staticmethod
     def rows(embeds: torch.Tensor, kept: torch.Tensor, ctx: PromptContext, states: torch.Tensor | None,
              grid: tuple[int, int, int] | None = None) -> torch.Tensor:
-        """[input embedding | served index | t | h | w] digits per kept row; the image's cell
-        (t, h, w) sits at its base (`ctx.original_offset`) + (t, h, w)."""
+        """[input embedding | hand-off state | served index | t | h | w] digits per served row:
+        a kept token's cell (t, h, w) sits at its image's base (`ctx.original_offset`) +
+        (t, h, w); the R = handoff_rows text rows after it continue from
+        `ctx.first_text_position` on all three rows."""
         if grid is None:
             raise RuntimeError("a multimodal rotary image needs its (t, h, w) grid")
         device = embeds.device
         kept = kept.to(device)
-        served = ctx.served_offset + torch.arange(kept.numel(), device=device)
-        cells = ctx.original_offset + grid_cells(kept, grid)
-        return torch.cat([embeds, encode_digits(served, embeds.dtype),
+        text = ctx.first_text_position + torch.arange(max(ctx.handoff_rows, 0), device=device)
+        served = ctx.served_offset + torch.arange(kept.numel() + text.numel(), device=device)
+        cells = torch.cat([ctx.original_offset + grid_cells(kept, grid), text.expand(3, -1)], dim=1)
+        columns = [embeds] if states is None else [embeds, states.to(device, embeds.dtype)]
+        return torch.cat([*columns, encode_digits(served, embeds.dtype),
                           *(encode_digits(row, embeds.dtype) for row in cells)], dim=-1)
 
     def recompute(self, embeddings: Sequence[torch.Tensor], positions: torch.Tensor
                   ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
-        stripped, positions = apply_position_columns(embeddings, positions, self.hidden_size, self._write)
+        stripped, positions = apply_position_columns(embeddings, positions, self.hidden_size, 4 * NUM_DIGITS,
+                                                     self._write)
         return stripped, positions, self.delta(positions)
 
     @staticmethod
@@ -90,9 +100,6 @@ class QwenVLProcessor(PioFvlmProcessor):
 
     def image_token_id(self) -> int:
         return self.info.get_hf_config().image_token_id
-
-    def _handoff_enabled(self) -> bool:
-        return False
 
     def _merge_size(self) -> int:
         return self.info.get_hf_config().vision_config.spatial_merge_size
@@ -123,6 +130,13 @@ class QwenVLProcessor(PioFvlmProcessor):
         bases = iter(mrope_layout(end, spans)[1])
         first = {it.image: next(bases) for it in items if it.delta is None}
         return [first[it.image] for it in items]
+
+    def _text_positions(self, mm_items, items) -> list[int]:
+        # Text after an image continues from its base + max(t, h, w), as Qwen2-VL numbers it.
+        spans = [GridSpan(it.offset, it.num_keep, self._image_grid(mm_items, it.image), delta=it.delta is not None)
+                 for it in items]
+        positions = mrope_layout(max(it.offset + it.num_keep for it in items) + 1, spans)[0][0]
+        return [int(positions[it.offset + it.num_keep]) for it in items]
 
     def apply(self, inputs, timing_ctx):
         if len(inputs.mm_data_items.get("video", ())) and self._request_prunes(inputs):
