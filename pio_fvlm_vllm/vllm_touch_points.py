@@ -87,6 +87,16 @@ TOUCH_POINTS: dict[str, TouchPoint] = _points(
      CPU_MRV2),
     ("v1/worker/cpu/model_states/default.py", "DefaultModelState.prepare_inputs_embeds",
      "calls the pruner (CPU MRV2)", CPU_MRV2),
+    # The hand-off: embed_input_ids gets the step's multimodal rows in the order of its mask.
+    ("v1/worker/gpu_model_runner.py", "GPUModelRunner._preprocess",
+     "embed_input_ids with the multimodal mask, after the positions hook (V1)", V1_RUNNER),
+    ("v1/worker/gpu/mm/encoder_runner.py", "EncoderRunner.gather_mm_embeddings", "the mask's row order (MRV2)"),
+    ("v1/worker/gpu/mm/encoder_runner.py", "EncoderRunner.get_inputs_embeds", "embed_input_ids with the mask (MRV2)"),
+    ("v1/worker/cpu/encoder_runner.py", "EncoderRunner.gather_mm_embeddings", "the mask's row order (CPU MRV2)",
+     CPU_MRV2),
+    ("v1/worker/cpu/encoder_runner.py", "EncoderRunner.get_inputs_embeds", "embed_input_ids with the mask (CPU MRV2)",
+     CPU_MRV2),
+    ("model_executor/models/utils.py", "_merge_multimodal_embeddings", "rows merged in the mask's order"),
     ("transformers_utils/config.py", "uses_mrope", "decides 3-row positions from mrope_section"),
     ("model_executor/models/config.py", "VerifyAndUpdateConfig", "per-architecture engine settings"),
     # Weight loading: the proxy's weights are copied before any post-load processing.

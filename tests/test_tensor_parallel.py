@@ -63,6 +63,9 @@ FAMILIES = {
 }
 
 
+_HANDOFF_ROWS = torch.tensor([2, 4, 7, 10])
+
+
 def _reduction(backprop_layers: int) -> str:
     # The default (gradient at layer K's normed input) is layer-local only.
     return "grad_x_normed" if backprop_layers == 1 else "grad_x_input"
@@ -75,9 +78,11 @@ def _worker(rank, port, backprop_layers, family, queue):
         make_proxy, make_contexts = FAMILIES[family]
         proxy = shard(make_proxy(), rank, WORLD, dist.group.WORLD)
         sal = gradient_saliency(proxy, make_contexts(), backprop_layers=backprop_layers,
-                                reduction=_reduction(backprop_layers))
+                                reduction=_reduction(backprop_layers), handoff_layer=proxy.num_layers
+                                - backprop_layers + 1)
+        handoff = [h.output_at(proxy, _HANDOFF_ROWS).tolist() for h in sal.handoff_inputs]
         # Plain values: a tensor would travel by a file descriptor this process may close first.
-        queue.put((rank, sal.scores.tolist()))
+        queue.put((rank, (sal.scores.tolist(), handoff)))
     finally:
         dist.destroy_process_group()
 
@@ -97,10 +102,17 @@ def test_sharded_saliency_equals_single_process(backprop_layers, family):
         p.join(timeout=60)
         assert p.exitcode == 0
     make_proxy, make_contexts = FAMILIES[family]
-    expected = gradient_saliency(make_proxy(), make_contexts(), backprop_layers=backprop_layers,
-                                 reduction=_reduction(backprop_layers)).scores
+    proxy = make_proxy()
+    sal = gradient_saliency(proxy, make_contexts(), backprop_layers=backprop_layers,
+                            reduction=_reduction(backprop_layers), handoff_layer=proxy.num_layers - backprop_layers + 1)
+    expected = sal.scores
     for rank in range(WORLD):
-        torch.testing.assert_close(torch.tensor(results[rank], dtype=expected.dtype), expected, rtol=1e-9, atol=1e-12)
+        scores, handoff = results[rank]
+        torch.testing.assert_close(torch.tensor(scores, dtype=expected.dtype), expected, rtol=1e-9, atol=1e-12)
+        # The hand-off layer's output at the handed-off rows, from each rank's shards.
+        for states, h in zip(handoff, sal.handoff_inputs):
+            torch.testing.assert_close(torch.tensor(states, dtype=expected.dtype), h.output_at(proxy, _HANDOFF_ROWS),
+                                       rtol=1e-9, atol=1e-12)
 
 
 def _agreement_worker(rank, port, failing_rank, phase, queue):

@@ -233,7 +233,7 @@ class PioFvlmProcessor:
                 item.num_keep, item.num_tokens, item.offset, base, item.rows, prefix, suffix, image_key=key,
                 handoff_text_start=(text.count(item.delta.insert) - len(prefix)
                                     if item.delta is not None else 0),
-                text_position=text_position,
+                text_position=text_position if item.delta is not None else -1,
                 served_before=before, vision_key=vision[item.image],
             )
             IMAGE_TOTALS.put(item.mm_hash, item.num_keep, 0 if item.delta is not None else item.num_tokens)

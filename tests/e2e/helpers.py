@@ -2,6 +2,7 @@ import contextlib
 import json
 import os
 import re
+from types import SimpleNamespace
 import urllib.error
 import urllib.request
 
@@ -147,10 +148,12 @@ def handoff_parity(engine, prompt, keep, kept_of):
     """Runs `prompt` through an in-process engine with all tokens and at `keep`, recording the
     output of the hand-off layer h in every prefill step, before and after the plugin's hook.
 
-    Returns (marked: served rows whose stream the hook replaced, pruned: (served, D) the
+    Returns marked: served rows whose stream the hook replaced, pruned: (served, D) the
     streams after the hook, full: the unpruned prompt's streams at each served row's original
-    index, raw: the layer's own outputs (hidden, residual) before the hook, after: the same
-    after it). `kept_of(model)` gives the selection's kept indices (recorded by the caller)."""
+    index, raw / after: the layer's own outputs (hidden, residual) before / after the hook,
+    start: the image's first row, original: each served row's index in the unpruned prompt,
+    full_prompt: the unpruned prompt's token ids. `kept_of(model)` gives the selection's kept
+    indices (recorded by the caller)."""
     import torch
     from vllm import SamplingParams
 
@@ -189,4 +192,5 @@ def handoff_parity(engine, prompt, keep, kept_of):
     pruned = torch.cat([h + r for h, r in pruned_after])
     raw_rows = tuple(torch.cat(t) for t in zip(*pruned_raw))
     after_rows = tuple(torch.cat(t) for t in zip(*pruned_after))
-    return pruned_marked, pruned, full[original], raw_rows, after_rows, start
+    return SimpleNamespace(marked=pruned_marked, pruned=pruned, full=full[original], raw=raw_rows, after=after_rows,
+                           start=start, original=original, full_prompt=full_out.prompt_token_ids)

@@ -190,13 +190,25 @@ def test_handed_off_rows_take_the_unpruned_prompts_states_after_layer_k(engine):
     prompt = {"prompt": f"USER: <image>\n{QUESTION_B} ASSISTANT:",
               "multi_modal_data": {"image": synthetic_image(640, 480, seed=77)}}
     try:
-        marked, pruned, full, raw, after, start = handoff_parity(engine, prompt, 0.111, lambda m: kept[-1])
+        run = handoff_parity(engine, prompt, 0.111, lambda m: kept[-1])
     finally:
         del model._kept_indices
-    assert marked.nonzero().flatten().tolist() == list(range(start, pruned.shape[0]))
-    torch.testing.assert_close(pruned[marked], full[marked], rtol=1e-4, atol=1e-4)
+    marked = run.marked
+    assert marked.nonzero().flatten().tolist() == list(range(run.start, run.pruned.shape[0]))
+    torch.testing.assert_close(run.pruned[marked], run.full[marked], rtol=1e-4, atol=1e-4)
     # Without the hook these rows would differ: the pruned prompt's own layers never saw the
     # dropped tokens.
-    assert not torch.allclose((raw[0] + raw[1])[marked], full[marked], atol=1e-3)
-    for before, now in zip(raw, after):
+    assert not torch.allclose((run.raw[0] + run.raw[1])[marked], run.full[marked], atol=1e-3)
+    for before, now in zip(run.raw, run.after):
         assert torch.equal(before[~marked], now[~marked])
+    # The reference: Hugging Face's own forward over the unpruned prompt, after layer h.
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    checkpoint = engine.llm_engine.vllm_config.model_config.model
+    hf = LlavaNextForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    inputs = AutoProcessor.from_pretrained(checkpoint)(text=prompt["prompt"], images=[prompt["multi_modal_data"]["image"]],
+                                                       return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == run.full_prompt
+    with torch.no_grad():
+        states = hf(**inputs, output_hidden_states=True).hidden_states[model.pio_handoff_layer][0]
+    torch.testing.assert_close(run.pruned[marked], states[run.original[marked]], rtol=1e-4, atol=1e-4)

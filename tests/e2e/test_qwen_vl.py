@@ -311,11 +311,12 @@ def test_handed_off_rows_take_the_unpruned_prompts_states_after_layer_k(engine):
     _recording_selection(model, kept)
     prompt = {"prompt": PROMPT, "multi_modal_data": {"image": synthetic_image(640, 480, seed=73)}}
     try:
-        marked, pruned, full, raw, after, start = handoff_parity(engine, prompt, 0.111, lambda m: kept[-1])
+        run = handoff_parity(engine, prompt, 0.111, lambda m: kept[-1])
     finally:
         del model._kept_indices
-    assert marked.nonzero().flatten().tolist() == list(range(start, pruned.shape[0]))
-    torch.testing.assert_close(pruned[marked], full[marked], rtol=1e-4, atol=1e-4)
-    assert not torch.allclose((raw[0] + raw[1])[marked], full[marked], atol=1e-3)
-    for before, now in zip(raw, after):
+    marked = run.marked
+    assert marked.nonzero().flatten().tolist() == list(range(run.start, run.pruned.shape[0]))
+    torch.testing.assert_close(run.pruned[marked], run.full[marked], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose((run.raw[0] + run.raw[1])[marked], run.full[marked], atol=1e-3)
+    for before, now in zip(run.raw, run.after):
         assert torch.equal(before[~marked], now[~marked])

@@ -55,13 +55,14 @@ class MultimodalRotaryHook:
              grid: tuple[int, int, int] | None = None) -> torch.Tensor:
         """[input embedding | hand-off state | served index | t | h | w] digits per served row:
         a kept token's cell (t, h, w) sits at its image's base (`ctx.original_offset`) +
-        (t, h, w); the R = handoff_rows text rows after it continue from
-        `ctx.first_text_position` on all three rows."""
+        (t, h, w); the R = handoff_rows text rows after it continue on all three rows from
+        base + max(t, h, w) (a delta: from its turn's position, `ctx.text_position`)."""
         if grid is None:
             raise RuntimeError("a multimodal rotary image needs its (t, h, w) grid")
         device = embeds.device
         kept = kept.to(device)
-        text = ctx.first_text_position + torch.arange(max(ctx.handoff_rows, 0), device=device)
+        first = ctx.text_position if ctx.text_position >= 0 else ctx.original_offset + max(grid)
+        text = first + torch.arange(max(ctx.handoff_rows, 0), device=device)
         served = ctx.served_offset + torch.arange(kept.numel() + text.numel(), device=device)
         cells = torch.cat([ctx.original_offset + grid_cells(kept, grid), text.expand(3, -1)], dim=1)
         columns = [embeds] if states is None else [embeds, states.to(device, embeds.dtype)]
@@ -132,7 +133,8 @@ class QwenVLProcessor(PioFvlmProcessor):
         return [first[it.image] for it in items]
 
     def _text_positions(self, mm_items, items) -> list[int]:
-        # Text after an image continues from its base + max(t, h, w), as Qwen2-VL numbers it.
+        # Text after an image continues from its base + max(t, h, w), as Qwen2-VL numbers it;
+        # a delta's text continues where the unpruned prompt has it.
         spans = [GridSpan(it.offset, it.num_keep, self._image_grid(mm_items, it.image), delta=it.delta is not None)
                  for it in items]
         positions = mrope_layout(max(it.offset + it.num_keep for it in items) + 1, spans)[0][0]
