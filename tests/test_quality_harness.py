@@ -178,3 +178,38 @@ def test_qwen_trainer_cell_labels_line_up_with_the_merged_tokens(tmp_path):
     t, h, w = grid[0].tolist()
     cols = torch.arange(w // 2).repeat(h // 2)
     assert torch.equal(side[: h * w // 4], (cols + 0.5 >= (w // 2) / 2).long())  # cell centres
+
+
+def test_committed_qwen_checkpoint_answers_and_the_served_placement_outranks_random():
+    """The committed Qwen2.5-VL loads in the published layout, answers held-out scenes above the
+    question prior through the reference's Qwen path, and at keep 0.05 the served placement
+    (PIO-FVLM, hand-off after layer K) agrees with full tokens more often than random tokens."""
+    from pathlib import Path
+
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from benchmarks.quality import train_qwen as tq
+    from benchmarks.quality.task import TEST_SEEDS
+    from pio_fvlm_vllm.budget import budget
+    from pio_fvlm_vllm.reference import HFReference
+    from pio_fvlm_vllm.settings import PioFvlmSettings
+
+    checkpoint = Path(__file__).parents[1] / "benchmarks" / "quality" / "checkpoint_qwen2_5_vl"
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    ref = HFReference(model, processor, PioFvlmSettings(proxy_layer=2))
+    ids = tq.answer_token_ids(processor.tokenizer)
+    gen = torch.Generator().manual_seed(0)
+    correct = agree_served = agree_random = 0
+    scenes = list(TEST_SEEDS)[:80]
+    for seed in scenes:
+        ex = make_example(seed)
+        prepared = ref.prepare(tq.prompt(ex.question), [ex.image], add_special_tokens=False)
+        full = int(ref.last_logits(prepared, None).argmax())
+        correct += full == ids[ex.answer]
+        agree_served += int(ref.last_logits(prepared, ref.select(prepared, 0.05), "handoff").argmax()) == full
+        random = [torch.randperm(e - s, generator=gen)[: budget(e - s, 0.05)].sort().values
+                  for s, e in prepared.image_spans]
+        agree_random += int(ref.last_logits(prepared, random, "input_positions").argmax()) == full
+    assert correct / len(scenes) >= 0.6, correct
+    assert agree_served >= agree_random + 0.1 * len(scenes), (agree_served, agree_random)

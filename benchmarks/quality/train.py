@@ -205,6 +205,22 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return -(target * logits.log_softmax(-1)).sum(-1).mean()
 
 
+def optimizer_step(loss, parts: dict, model, opt, sched, loss_avg: dict | None, step: int, steps: int,
+                   start: float) -> dict:
+    """One clipped step; returns the running average of the loss parts, logged every 50 steps."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    parts = {k: v.item() for k, v in parts.items()}
+    loss_avg = parts if loss_avg is None else {k: 0.95 * loss_avg[k] + 0.05 * v for k, v in parts.items()}
+    if step % 50 == 0:
+        progress(f"step {step}/{steps} losses " + ", ".join(f"{k} {v:.3f}" for k, v in loss_avg.items())
+                 + f" ({time.perf_counter() - start:.0f}s)")
+    return loss_avg
+
+
 @torch.no_grad()
 def evaluate(model, processor, answer_ids, seeds, device, batch=16) -> dict[str, float]:
     model.eval()
@@ -322,16 +338,7 @@ def main(argv=None):
             parts["object"] = attention_mass_loss(out.attentions[args.ground_layer], relevant, at, heads)
             parts["question"] = attention_mass_loss(out.attentions[args.ground_layer - 1], question, at, heads)
             loss = loss + args.ground_weight * (parts["object"] + parts["question"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        parts = {k: v.item() for k, v in parts.items()}
-        loss_avg = parts if loss_avg is None else {k: 0.95 * loss_avg[k] + 0.05 * v for k, v in parts.items()}
-        if step % 50 == 0:
-            progress(f"step {step}/{args.steps} losses " + ", ".join(f"{k} {v:.3f}" for k, v in loss_avg.items())
-                     + f" ({time.perf_counter() - start:.0f}s)")
+        loss_avg = optimizer_step(loss, parts, model, opt, sched, loss_avg, step, args.steps, start)
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(model, processor, answer_ids, test_seeds[:200], args.device)
             progress(f"step {step}: held-out accuracy " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))

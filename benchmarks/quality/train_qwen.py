@@ -30,7 +30,7 @@ from pio_fvlm_vllm.checkpoints_qwen import QwenShape, build
 
 from ..common import progress
 from .task import ANSWERS, COLORS, KINDS, SHAPES, TEST_SEEDS, VOCABULARY, label_image, make_dialogue, make_example
-from .train import answer_slots, attention_mass_loss, question_tokens, soft_cross_entropy
+from .train import answer_slots, attention_mass_loss, optimizer_step, question_tokens, soft_cross_entropy
 
 QUALITY_QWEN = QwenShape(
     text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -225,16 +225,7 @@ def main(argv=None):
             parts["object"] = attention_mass_loss(out.attentions[1], relevant, at, 2)
             parts["question"] = attention_mass_loss(out.attentions[0], question, at, 2)
             loss = loss + args.ground_weight * (parts["object"] + parts["question"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        parts = {k: v.item() for k, v in parts.items()}
-        loss_avg = parts if loss_avg is None else {k: 0.95 * loss_avg[k] + 0.05 * v for k, v in parts.items()}
-        if step % 50 == 0:
-            progress(f"step {step}/{args.steps} losses " + ", ".join(f"{k} {v:.3f}" for k, v in loss_avg.items())
-                     + f" ({time.perf_counter() - start:.0f}s)")
+        loss_avg = optimizer_step(loss, parts, model, opt, sched, loss_avg, step, args.steps, start)
         if step % args.eval_every == 0 or step == args.steps:
             acc = evaluate(model, processor, answer_ids, test_seeds[:200], args.device)
             progress(f"step {step}: held-out accuracy " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()))

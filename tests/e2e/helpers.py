@@ -194,3 +194,17 @@ def handoff_parity(engine, prompt, keep, kept_of):
     after_rows = tuple(torch.cat(t) for t in zip(*pruned_after))
     return SimpleNamespace(marked=pruned_marked, pruned=pruned, full=full[original], raw=raw_rows, after=after_rows,
                            start=start, original=original, full_prompt=full_out.prompt_token_ids)
+
+
+def assert_handed_off_rows_take_the_unpruned_states(run) -> None:
+    """`handoff_parity`'s result: the hook replaced exactly the rows from the image's first to
+    the prompt's end, with the unpruned prompt's states there (which the pruned prompt's own
+    layers would not give), and left every other row bit-identical."""
+    import torch
+
+    marked = run.marked
+    assert marked.nonzero().flatten().tolist() == list(range(run.start, run.pruned.shape[0]))
+    torch.testing.assert_close(run.pruned[marked], run.full[marked], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose((run.raw[0] + run.raw[1])[marked], run.full[marked], atol=1e-3)
+    for before, now in zip(run.raw, run.after):
+        assert torch.equal(before[~marked], now[~marked])

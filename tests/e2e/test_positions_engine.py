@@ -174,7 +174,7 @@ def test_handed_off_rows_take_the_unpruned_prompts_states_after_layer_k(engine):
     """After layer h (= K, the paper's pruning point) the kept image rows and the text after
     the image carry the unpruned prompt's states there, in every prefill chunk; every other
     row leaves the layer bit-identical to the layer's own output."""
-    from .helpers import handoff_parity
+    from .helpers import assert_handed_off_rows_take_the_unpruned_states, handoff_parity
 
     model = _model(engine)
     assert model.pio_handoff_layer == model.pio_proxy_layers
@@ -193,14 +193,7 @@ def test_handed_off_rows_take_the_unpruned_prompts_states_after_layer_k(engine):
         run = handoff_parity(engine, prompt, 0.111, lambda m: kept[-1])
     finally:
         del model._kept_indices
-    marked = run.marked
-    assert marked.nonzero().flatten().tolist() == list(range(run.start, run.pruned.shape[0]))
-    torch.testing.assert_close(run.pruned[marked], run.full[marked], rtol=1e-4, atol=1e-4)
-    # Without the hook these rows would differ: the pruned prompt's own layers never saw the
-    # dropped tokens.
-    assert not torch.allclose((run.raw[0] + run.raw[1])[marked], run.full[marked], atol=1e-3)
-    for before, now in zip(run.raw, run.after):
-        assert torch.equal(before[~marked], now[~marked])
+    assert_handed_off_rows_take_the_unpruned_states(run)
     # The reference: Hugging Face's own forward over the unpruned prompt, after layer h.
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
@@ -211,4 +204,4 @@ def test_handed_off_rows_take_the_unpruned_prompts_states_after_layer_k(engine):
     assert inputs["input_ids"][0].tolist() == run.full_prompt
     with torch.no_grad():
         states = hf(**inputs, output_hidden_states=True).hidden_states[model.pio_handoff_layer][0]
-    torch.testing.assert_close(run.pruned[marked], states[run.original[marked]], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run.pruned[run.marked], states[run.original[run.marked]], rtol=1e-4, atol=1e-4)

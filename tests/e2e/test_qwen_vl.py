@@ -303,7 +303,7 @@ def test_handed_off_rows_take_the_unpruned_prompts_states_after_layer_k(engine):
     kept image rows and the text after the image carry the unpruned prompt's states (Qwen3-VL:
     before the layer's deepstack level, which the model adds to image rows after it); every
     other row leaves the layer bit-identical."""
-    from .helpers import handoff_parity
+    from .helpers import assert_handed_off_rows_take_the_unpruned_states, handoff_parity
 
     model = engine.llm_engine.model_executor.driver_worker.worker.model_runner.model
     assert model.pio_handoff_layer == model.pio_proxy_layers
@@ -314,9 +314,4 @@ def test_handed_off_rows_take_the_unpruned_prompts_states_after_layer_k(engine):
         run = handoff_parity(engine, prompt, 0.111, lambda m: kept[-1])
     finally:
         del model._kept_indices
-    marked = run.marked
-    assert marked.nonzero().flatten().tolist() == list(range(run.start, run.pruned.shape[0]))
-    torch.testing.assert_close(run.pruned[marked], run.full[marked], rtol=1e-4, atol=1e-4)
-    assert not torch.allclose((run.raw[0] + run.raw[1])[marked], run.full[marked], atol=1e-3)
-    for before, now in zip(run.raw, run.after):
-        assert torch.equal(before[~marked], now[~marked])
+    assert_handed_off_rows_take_the_unpruned_states(run)
