@@ -235,6 +235,11 @@ def evaluate(model, processor, answer_ids, seeds, device, batch=16) -> dict[str,
             correct[e.kind][0] += int(p == answer_ids[e.answer])
             correct[e.kind][1] += 1
     model.train()
+    return kind_accuracy(correct)
+
+
+def kind_accuracy(correct: dict[str, list[int]]) -> dict[str, float]:
+    """{kind: [right, asked]} -> accuracy per kind and over all of them ("all")."""
     acc = {k: c / n for k, (c, n) in correct.items()}
     acc["all"] = sum(c for c, _ in correct.values()) / sum(n for _, n in correct.values())
     return acc

@@ -30,7 +30,8 @@ from pio_fvlm_vllm.checkpoints_qwen import QwenShape, build
 
 from ..common import progress
 from .task import ANSWERS, COLORS, KINDS, SHAPES, TEST_SEEDS, VOCABULARY, label_image, make_dialogue, make_example
-from .train import answer_slots, attention_mass_loss, optimizer_step, question_tokens, soft_cross_entropy
+from .train import (answer_slots, attention_mass_loss, kind_accuracy, optimizer_step, question_tokens,
+                    soft_cross_entropy)
 
 QUALITY_QWEN = QwenShape(
     text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -145,9 +146,7 @@ def evaluate(model, processor, answer_ids, seeds, device, batch=16) -> dict[str,
             correct[e.kind][0] += int(p == answer_ids[e.answer])
             correct[e.kind][1] += 1
     model.train()
-    acc = {k: c / n for k, (c, n) in correct.items()}
-    acc["all"] = sum(c for c, _ in correct.values()) / sum(n for _, n in correct.values())
-    return acc
+    return kind_accuracy(correct)
 
 
 def main(argv=None):

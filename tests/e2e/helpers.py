@@ -208,3 +208,15 @@ def assert_handed_off_rows_take_the_unpruned_states(run) -> None:
     assert not torch.allclose((run.raw[0] + run.raw[1])[marked], run.full[marked], atol=1e-3)
     for before, now in zip(run.raw, run.after):
         assert torch.equal(before[~marked], now[~marked])
+
+
+def record_kept(model, kept: list) -> None:
+    """Appends every selection's kept indices to `kept` (undo: `del model._kept_indices`)."""
+    select = model._kept_indices
+
+    def record(*args):
+        selection, failed = select(*args)
+        kept.extend(k.clone() for k in selection.kept)
+        return selection, failed
+
+    model._kept_indices = record

@@ -174,19 +174,12 @@ def test_handed_off_rows_take_the_unpruned_prompts_states_after_layer_k(engine):
     """After layer h (= K, the paper's pruning point) the kept image rows and the text after
     the image carry the unpruned prompt's states there, in every prefill chunk; every other
     row leaves the layer bit-identical to the layer's own output."""
-    from .helpers import assert_handed_off_rows_take_the_unpruned_states, handoff_parity
+    from .helpers import assert_handed_off_rows_take_the_unpruned_states, handoff_parity, record_kept
 
     model = _model(engine)
     assert model.pio_handoff_layer == model.pio_proxy_layers
     kept = []
-    select = model._kept_indices
-
-    def record(*args):
-        selection, failed = select(*args)
-        kept.extend(k.clone() for k in selection.kept)
-        return selection, failed
-
-    model._kept_indices = record
+    record_kept(model, kept)
     prompt = {"prompt": f"USER: <image>\n{QUESTION_B} ASSISTANT:",
               "multi_modal_data": {"image": synthetic_image(640, 480, seed=77)}}
     try:

@@ -14,7 +14,8 @@ from pio_fvlm_vllm.images import image_message, synthetic_image
 from pio_fvlm_vllm.serving import VllmServer
 
 from .helpers import (QUESTION_A, assert_b_after_a_equals_b_alone, assert_keep_one_and_no_keep_match_stock, chat,
-                      environment, family_fixtures, image_token_counts, messages, openai_client, post_chat)
+                      environment, family_fixtures, image_token_counts, messages, openai_client, post_chat,
+                      record_kept)
 
 ARGS = ["--dtype", "float32", "--max-model-len", "4096", "--enforce-eager", "--generation-config", "vllm",
         "--max-num-batched-tokens", "256", "--seed", "0"]
@@ -136,17 +137,6 @@ PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Which sq
           "<|im_start|>assistant\n")
 
 
-def _recording_selection(model, kept: list):
-    select = model._kept_indices
-
-    def record(*args):
-        selection, failed = select(*args)
-        kept.extend(k.clone() for k in selection.kept)
-        return selection, failed
-
-    model._kept_indices = record
-
-
 def test_kept_tokens_and_the_text_after_keep_their_unpruned_3d_positions(engine):
     """In every prefill chunk and at decode, layer 0 sees the positions the unpruned prompt
     gives each served token: kept image tokens their (t, h, w) cells, text its own."""
@@ -156,7 +146,7 @@ def test_kept_tokens_and_the_text_after_keep_their_unpruned_3d_positions(engine)
     seen, kept = [], []
     handle = model.language_model.model.layers[0].register_forward_pre_hook(
         lambda module, args: seen.append(args[0].clone()))
-    _recording_selection(model, kept)
+    record_kept(model, kept)
     prompt = {"prompt": PROMPT, "multi_modal_data": {"image": synthetic_image(640, 480, seed=70)}}
     try:
         runs = {}
@@ -223,7 +213,7 @@ def test_kept_image_rows_carry_their_own_deepstack_features(engine):
         return deepstack, main
 
     model._compute_deepstack_embeds = record
-    _recording_selection(model, kept)
+    record_kept(model, kept)
     prompt = {"prompt": PROMPT, "multi_modal_data": {"image": synthetic_image(512, 384, seed=71)}}
     try:
         runs = {}
@@ -308,7 +298,7 @@ def test_handed_off_rows_take_the_unpruned_prompts_states_after_layer_k(engine):
     model = engine.llm_engine.model_executor.driver_worker.worker.model_runner.model
     assert model.pio_handoff_layer == model.pio_proxy_layers
     kept = []
-    _recording_selection(model, kept)
+    record_kept(model, kept)
     prompt = {"prompt": PROMPT, "multi_modal_data": {"image": synthetic_image(640, 480, seed=73)}}
     try:
         run = handoff_parity(engine, prompt, 0.111, lambda m: kept[-1])
