@@ -229,8 +229,9 @@ def gradient_saliency(
     with torch.inference_mode(False), torch.enable_grad():
         x, lengths = _pack(contexts, dtype)
         bsz, seq, _ = x.shape
-        cos, sin = rotary_cos_sin(_positions(contexts, seq, shape.mrope_section is not None), shape.head_dim,
-                                  shape.rope_theta, dtype, shape.mrope_section, shape.mrope_interleaved)
+        positions = _positions(contexts, seq, shape.mrope_section is not None)
+        cos, sin = rotary_cos_sin(positions, shape.head_dim, shape.rope_theta, dtype, shape.mrope_section,
+                                  shape.mrope_interleaved)
         first_grad_layer = num_layers - backprop_layers
         handoff_in = x if handoff_layer == 1 else None  # the input of layer h (1-based)
         with torch.no_grad():
@@ -245,7 +246,6 @@ def gradient_saliency(
                     if i + 2 == handoff_layer:
                         handoff_in = x
         if handoff_layer:
-            positions = _positions(contexts, seq, shape.mrope_section is not None)
             handoff = [HandoffInput(handoff_in[b, :n].detach(), positions[b, ..., :n], handoff_layer - 1)
                        for b, n in enumerate(lengths)]
 

@@ -39,8 +39,11 @@ class HandoffBuffers(nn.Module):
         if not any(e.shape[-1] > width for e in embeddings):
             return embeddings
         rows = is_multimodal.nonzero().flatten().to(self.mask.device)
-        if rows.numel() and int(rows[-1]) >= self.mask.shape[0]:
-            raise RuntimeError(f"{int(rows[-1]) + 1} tokens in one step, hand-off buffers hold {self.mask.shape[0]}")
+        # One host read per step: the mask is cleared up to the last multimodal row.
+        last = int(rows[-1]) if rows.numel() else -1
+        if last >= self.mask.shape[0]:
+            raise RuntimeError(f"{last + 1} tokens in one step, hand-off buffers hold {self.mask.shape[0]}")
+        self._loaded = max(self._loaded, last + 1)
         stripped, first = [], 0
         for e in embeddings:
             num = e.shape[0]
@@ -48,8 +51,6 @@ class HandoffBuffers(nn.Module):
                 at = rows[first:first + num]
                 self.mask[at] = True
                 self.states[at] = e[:, width:].to(self.states.device, self.states.dtype)
-                if num:  # rows ascend
-                    self._loaded = max(self._loaded, int(at[-1]) + 1)
                 e = e[:, :width]
             stripped.append(e)
             first += num

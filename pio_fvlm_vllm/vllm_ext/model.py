@@ -267,8 +267,9 @@ class PioFvlmModel:
         if not ctx.handoff or handoff is None:
             return None
         start = len(ctx.prefix_ids)
-        text = start + ctx.num_tokens + ctx.handoff_text_start + torch.arange(max(ctx.handoff_rows, 0))
-        return handoff.output_at(self.pio_proxy, torch.cat([start + kept.cpu(), text]))
+        text = start + ctx.num_tokens + ctx.handoff_text_start + torch.arange(max(ctx.handoff_rows, 0),
+                                                                               device=kept.device)
+        return handoff.output_at(self.pio_proxy, torch.cat([start + kept, text]))
 
     def _proxy_past(self, ctx: PromptContext, image: torch.Tensor):
         """The proxy past a delta's pass continues: the previous item of its image, whose
