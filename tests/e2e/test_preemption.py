@@ -63,6 +63,8 @@ def _answers(outputs):
 def test_preempted_pruned_requests_answer_as_they_do_alone(engine):
     prompts = [_prompt(q, s) for q, s, _ in REQUESTS]
     alone = []
+    # Prefix caching stays on (vLLM's default); every run starts from an empty cache, so alone
+    # and together differ only in batching and preemption.
     for prompt, (_, _, keep) in zip(prompts, REQUESTS):
         engine.reset_prefix_cache()
         alone += engine.generate([prompt], _params(keep), use_tqdm=False)
@@ -77,7 +79,12 @@ def test_preempted_pruned_requests_answer_as_they_do_alone(engine):
     finally:
         hook.remove()
     assert _preemptions(engine) > before, "the batch fitted the cache: nothing was preempted"
-    assert sum(handed_off) > 0
+    # Each pruned request hands off its rows from the image to the prompt's end at least once
+    # (a recompute after preemption may hand them off again).
+    image_id = model.config.image_token_index
+    at_least = sum(len(o.prompt_token_ids) - o.prompt_token_ids.index(image_id)
+                   for o, (_, _, keep) in zip(together, REQUESTS) if keep < 1.0)
+    assert sum(handed_off) >= at_least, (sum(handed_off), at_least)
     lengths = [len(o.prompt_token_ids) for o in together]
     assert lengths == [len(o.prompt_token_ids) for o in alone]
     assert lengths[4] > lengths[0] > lengths[1] > lengths[3], "the keeps were not applied per request"
